@@ -1,0 +1,427 @@
+"""GLEAN: Generative Latent Bank for Large-Factor Image Super-Resolution (Chan et al., CVPR 2021).
+
+An encoder-bank-decoder network (Fig. 2):
+    f_0 = E_0(x)                     RRDBNet features of the low-resolution image x, at in_size
+    f_i = E_i(f_{i-1}),  i = 1..N    stride-2 blocks down to 4x4                                       Eq. (1)
+    C   = E_{N+1}(f_N)               conv + fully-connected: latent vectors c_0..c_{k-1}             Eq. (2)
+    g_i = S_i(c_i, g_{i-1}, f_{N-i}) style blocks of a frozen StyleGAN2 (the latent bank), each fusing the
+                                     encoder feature of its resolution with one extra convolution     Eq. (3)
+    d_i = D_i(d_{i-1}, g_{N-2+i})    3x3 conv + pixel-shuffle decoder fusing bank features coarse-to-fine Eq. (4)
+
+Images enter and leave in [-1, 1] (RGB); the network does not clamp. Parameter names mirror the official
+implementation (mmagic `GLEANStyleGANv2`) with the bank called `bank` (official: `generator`), so released weights
+load through `official_names` in one place.
+
+Also here: `imresize`, MATLAB's antialiased bicubic resize, which made the training inputs of the released models.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import stylegan2
+from glean_io import CheckpointError, load_file, load_state_strict, save_file, state_dict_of
+from stylegan2 import assert_shape
+
+
+@dataclass
+class GLEANConfig:
+    in_size: int = 64                # LR input resolution (power of two, >= 8)
+    out_size: int = 1024             # HR output resolution = StyleGAN2 resolution; out/in in {4, 8, 16, 32, 64}
+    img_channels: int = 3            # RGB
+    rrdb_channels: int = 64          # width of the RRDBNet E_0 (ESRGAN: 64)
+    num_rrdbs: int = 23              # RRDB blocks in E_0 (ESRGAN: 23)
+    rrdb_growth_channels: int = 32   # growth channels inside each residual dense block
+    style_channels: int = 512        # length of each latent vector c_i (StyleGAN2 w: 512)
+    num_mlps: int = 8                # bank mapping network depth (unused by GLEAN's forward, kept for the weights)
+    channel_multiplier: int = 2      # StyleGAN2 config-f channel multiplier
+    channel_base: int = 512          # StyleGAN2 channels at 4-32 px; the whole table scales by channel_base/512
+    blur_kernel: tuple = (1, 3, 3, 1)  # StyleGAN2 FIR kernel
+    lr_mlp: float = 0.01             # mapping network learning-rate multiplier
+    decoder_channels: int = 64       # hidden width of the last decoder block
+    # Ablations of Section 5. None means "all resolutions" (the full GLEAN).
+    fuse_encoder_up_to: int | None = None  # Fig. 7: f_i fused into the bank at res <= this; 0 = latent vectors only
+    decoder_bank_up_to: int | None = None  # Fig. 8: g_i passed to the decoder at res <= this; 0 = no bank features
+    use_decoder: bool = True               # Fig. 9: False = the bank's own RGB output is the result
+
+    def __post_init__(self):
+        self.blur_kernel = tuple(self.blur_kernel)
+        pow2 = lambda n: n >= 1 and n & (n - 1) == 0  # noqa: E731
+        if not (pow2(self.in_size) and self.in_size >= 8):
+            raise ValueError(f"in_size must be a power of two >= 8, got {self.in_size}")
+        if self.out_size // self.in_size not in (4, 8, 16, 32, 64) or not pow2(self.out_size):
+            raise ValueError(f"out_size / in_size must be 4, 8, 16, 32 or 64, got {self.out_size}/{self.in_size}")
+        if self.out_size > 1024:
+            raise ValueError(f"out_size must be <= 1024 (StyleGAN2 banks), got {self.out_size}")
+        if self.fuse_encoder_up_to is None:
+            self.fuse_encoder_up_to = self.in_size
+        if self.decoder_bank_up_to is None:
+            self.decoder_bank_up_to = self.out_size
+        if self.fuse_encoder_up_to not in [0] + [2 ** i for i in range(2, int(math.log2(self.in_size)) + 1)]:
+            raise ValueError(f"fuse_encoder_up_to must be 0 or a power of two in [4, in_size], "
+                             f"got {self.fuse_encoder_up_to}")
+        if self.decoder_bank_up_to not in [0] + [2 ** i for i in range(int(math.log2(self.in_size)) + 1,
+                                                                       int(math.log2(self.out_size)) + 1)]:
+            raise ValueError(f"decoder_bank_up_to must be 0 or a power of two in (in_size, out_size], "
+                             f"got {self.decoder_bank_up_to}")
+
+    @property
+    def scale(self) -> int:
+        return self.out_size // self.in_size
+
+    @property
+    def num_latents(self) -> int:
+        return 2 * int(math.log2(self.out_size)) - 2
+
+    @property
+    def uses_bank(self) -> bool:
+        return not self.use_decoder or self.decoder_bank_up_to > 0
+
+    def bank_config(self) -> stylegan2.GeneratorConfig:
+        return stylegan2.GeneratorConfig(out_size=self.out_size, style_channels=self.style_channels,
+                                         num_mlps=self.num_mlps, channel_multiplier=self.channel_multiplier,
+                                         channel_base=self.channel_base, blur_kernel=self.blur_kernel,
+                                         lr_mlp=self.lr_mlp)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GLEANConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GLEANConfig fields: {unknown}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# E_0: RRDBNet (ESRGAN) feature extractor
+
+
+def lrelu(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.2)
+
+
+class ResidualDenseBlock(nn.Module):
+    """Five densely connected 3x3 convs; x + 0.2 * conv5([x, x1, x2, x3, x4])."""
+
+    def __init__(self, channels: int = 64, growth: int = 32):
+        super().__init__()
+        for i in range(5):
+            out = growth if i < 4 else channels
+            setattr(self, f"conv{i + 1}", nn.Conv2d(channels + i * growth, out, 3, 1, 1))
+        for i in range(5):  # ESRGAN init: small residuals at the start of training
+            conv = getattr(self, f"conv{i + 1}")
+            nn.init.kaiming_normal_(conv.weight)
+            conv.weight.data.mul_(0.1)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        feats = [x]
+        for i in range(1, 5):
+            feats.append(lrelu(getattr(self, f"conv{i}")(torch.cat(feats, dim=1))))
+        return x + 0.2 * self.conv5(torch.cat(feats, dim=1))
+
+
+class RRDB(nn.Module):
+    """Residual-in-residual dense block: x + 0.2 * rdb3(rdb2(rdb1(x)))."""
+
+    def __init__(self, channels: int, growth: int):
+        super().__init__()
+        self.rdb1 = ResidualDenseBlock(channels, growth)
+        self.rdb2 = ResidualDenseBlock(channels, growth)
+        self.rdb3 = ResidualDenseBlock(channels, growth)
+
+    def forward(self, x):
+        return x + 0.2 * self.rdb3(self.rdb2(self.rdb1(x)))
+
+
+class RRDBNet(nn.Module):
+    """ESRGAN trunk without upsampling: conv_first -> RRDB x num_blocks -> conv_body, with a global residual."""
+
+    def __init__(self, in_channels: int, channels: int, num_blocks: int, growth: int):
+        super().__init__()
+        self.conv_first = nn.Conv2d(in_channels, channels, 3, 1, 1)
+        self.body = nn.Sequential(*[RRDB(channels, growth) for _ in range(num_blocks)])
+        self.conv_body = nn.Conv2d(channels, channels, 3, 1, 1)
+
+    def forward(self, x):
+        feat = self.conv_first(x)
+        return feat + self.conv_body(self.body(feat))
+
+
+class PixelShufflePack(nn.Module):
+    """3x3 conv to 4x the channels, then pixel-shuffle: [B, C_in, H, W] -> [B, C_out, 2H, 2W]."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.upsample_conv = nn.Conv2d(in_channels, out_channels * 4, 3, 1, 1)
+
+    def forward(self, x):
+        return F.pixel_shuffle(self.upsample_conv(x), 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GLEAN
+
+
+class GLEAN(nn.Module):
+    """Encoder E_0..E_{N+1}, frozen StyleGAN2 latent bank S_i with fusion convs, decoder D_i.
+
+    Maps an LR image [B, 3, in_size, in_size] in [-1, 1] to [B, 3, out_size, out_size].
+    """
+
+    def __init__(self, cfg: GLEANConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.channels = ch = stylegan2.channel_table(cfg.channel_multiplier, cfg.channel_base)
+        n_in, n_out = int(math.log2(cfg.in_size)), int(math.log2(cfg.out_size))
+        lrelu_ = lambda: nn.LeakyReLU(0.2, inplace=True)  # noqa: E731
+        # E_0: RRDBNet + conv to the bank's width at in_size                                   f_0
+        self.encoder = nn.ModuleList([nn.Sequential(
+            RRDBNet(cfg.img_channels, cfg.rrdb_channels, cfg.num_rrdbs, cfg.rrdb_growth_channels),
+            nn.Conv2d(cfg.rrdb_channels, ch[cfg.in_size], 3, 1, 1), lrelu_())])
+        self.bank = None
+        if cfg.uses_bank:
+            # E_1..E_N: stride-2 conv + conv, from in_size down to 4x4                          Eq. (1)
+            for res in (2 ** i for i in range(n_in, 2, -1)):
+                self.encoder.append(nn.Sequential(
+                    nn.Conv2d(ch[res], ch[res // 2], 3, 2, 1), lrelu_(),
+                    nn.Conv2d(ch[res // 2], ch[res // 2], 3, 1, 1), lrelu_()))
+            # E_{N+1}: conv + fully-connected to the latent matrix C                            Eq. (2)
+            self.encoder.append(nn.Sequential(
+                nn.Conv2d(ch[4], ch[4], 3, 1, 1), lrelu_(), nn.Flatten(),
+                nn.Linear(16 * ch[4], cfg.num_latents * cfg.style_channels)))
+            # the latent bank: a pretrained StyleGAN2 generator, frozen
+            self.bank = stylegan2.Generator(cfg.bank_config())
+            self.bank.requires_grad_(False)
+            # one fusion conv per bank block that receives an encoder feature (res 4..fuse_encoder_up_to)  Eq. (3)
+            fused = [2 ** i for i in range(2, int(math.log2(max(cfg.fuse_encoder_up_to, 1))) + 1)]
+            self.fusion_out = nn.ModuleList([nn.Conv2d(2 * ch[r], ch[r], 3, 1, 1) for r in fused])
+            # official skip-branch fusion into the RGB path: only influences the output without a decoder
+            self.fusion_skip = nn.ModuleList([nn.Conv2d(ch[r] + 3, 3, 3, 1, 1) for r in fused])
+            if cfg.use_decoder:
+                self.fusion_skip.requires_grad_(False)
+        if cfg.use_decoder:
+            # D_0 at in_size, then one D_i per resolution up to out_size                        Eq. (4)
+            self.decoder = nn.ModuleList()
+            for res in (2 ** i for i in range(n_in, n_out + 1)):
+                c_in = ch[res] + (ch[res] if cfg.in_size < res <= cfg.decoder_bank_up_to else 0)
+                if res < cfg.out_size:
+                    self.decoder.append(PixelShufflePack(c_in, ch[2 * res]))
+                else:
+                    self.decoder.append(nn.Sequential(
+                        nn.Conv2d(c_in, cfg.decoder_channels, 3, 1, 1), lrelu_(),
+                        nn.Conv2d(cfg.decoder_channels, cfg.img_channels, 3, 1, 1)))
+
+    def train(self, mode: bool = True):
+        """The bank stays in eval mode (its weights are fixed, Appendix A)."""
+        super().train(mode)
+        if self.bank is not None:
+            self.bank.eval()
+        return self
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- encoder -------------------------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor):
+        """Eq. (1)-(2): features {res: f_i} from in_size down to 4, and C [B, num_latents, style_channels]."""
+        B = x.shape[0]
+        feats = {self.cfg.in_size: self.encoder[0](x)}                       # f_0: [B, ch[in], in, in]
+        if self.bank is None:
+            return feats, None
+        f = feats[self.cfg.in_size]
+        for E_i in self.encoder[1:-1]:                                       # Eq. (1)
+            f = E_i(f)                                                       # f_i: [B, ch[r/2], r/2, r/2]
+            feats[f.shape[-1]] = f
+        C = self.encoder[-1](f).view(B, self.cfg.num_latents, self.cfg.style_channels)  # Eq. (2)
+        return feats, C
+
+    # -- latent bank -----------------------------------------------------------------------------------------
+
+    def bank_features(self, feats: dict, C: torch.Tensor, up_to: int, rgb: bool = False):
+        """Run the augmented style blocks S_i (Eq. 3); yield (res, g_i) for res > in_size, stopping at `up_to`.
+
+        Each block takes its own latent vectors c_i; blocks at res <= fuse_encoder_up_to first fuse the encoder
+        feature of that resolution: g <- conv([g, f]). The bank always uses its fixed noise buffers. With rgb=True
+        it also runs the official RGB skip branch (toRGB, fusion_skip) and yields (res, g_i, rgb_i); otherwise that
+        branch is skipped, as it cannot influence the decoder's output. The mapping MLP is never used: C lives
+        in w space already.
+        """
+        bank, cfg = self.bank, self.cfg
+        noise = bank.noises()
+        B = C.shape[0]
+        g = bank.conv1(bank.constant_input(B), C[:, 0], noise[0])          # S_0: [B, ch[4], 4, 4]
+        skip = bank.to_rgb1(g, C[:, 1]) if rgb else None
+        for k, (res, up_conv, conv) in enumerate(zip(bank.resolutions, bank.convs[::2], bank.convs[1::2])):
+            if res > up_to:
+                return
+            prev, i = res // 2, 2 * k + 1                                    # input resolution, latent index
+            if prev <= cfg.fuse_encoder_up_to:                               # Eq. (3): fuse f at resolution prev
+                f = feats[prev]
+                assert_shape(f, [B, g.shape[1], prev, prev])
+                g = self.fusion_out[k](torch.cat([g, f], dim=1))              # [B, ch[prev], prev, prev]
+                if rgb:
+                    skip = self.fusion_skip[k](torch.cat([skip, f], dim=1))  # [B, 3, prev, prev]
+            g = up_conv(g, C[:, i], noise[i])                                # [B, ch[res], res, res]
+            g = conv(g, C[:, i + 1], noise[i + 1])
+            if rgb:
+                skip = bank.to_rgbs[k](g, C[:, i + 2], skip)                 # [B, 3, res, res]
+                yield res, g, skip
+            elif res > cfg.in_size:
+                yield res, g
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C_img, H, W = x.shape
+        cfg = self.cfg
+        if (C_img, H, W) != (cfg.img_channels, cfg.in_size, cfg.in_size):
+            raise ValueError(f"GLEAN expects input [B, {cfg.img_channels}, {cfg.in_size}, {cfg.in_size}], "
+                             f"got {list(x.shape)}")
+        feats, C = self.encode(x)                                            # Eq. (1), (2)
+        if not cfg.use_decoder:                                              # ablation: the bank's RGB is the output
+            for res, _, rgb in self.bank_features(feats, C, cfg.out_size, rgb=True):
+                pass
+            return rgb
+        # Decoder, Eq. (4), interleaved with the bank so each g_i is consumed (and freed) as soon as it exists.
+        bank = self.bank_features(feats, C, cfg.decoder_bank_up_to) if cfg.decoder_bank_up_to else iter(())
+        d = self.decoder[0](feats[cfg.in_size])                              # d_0 = D_0(f_0): [B, ch[2in], 2in, 2in]
+        del feats
+        for D_i in self.decoder[1:]:
+            res = d.shape[-1]
+            if res <= cfg.decoder_bank_up_to:
+                res_g, g = next(bank)
+                assert res_g == res and g.shape[0] == B, (res_g, res, g.shape)
+                d = torch.cat([d, g], dim=1)                                 # [B, ch[res] * 2, res, res]
+                del g
+            d = D_i(d)                                                       # d_i = D_i(d_{i-1}, g)
+        assert_shape(d, [B, cfg.img_channels, cfg.out_size, cfg.out_size])
+        return d
+
+    # -- weights ---------------------------------------------------------------------------------------------
+
+    def official_names(self) -> dict:
+        """Our state-dict keys -> keys of the official release checkpoint (`generator.` prefix, bank = `generator`)."""
+        names = {}
+        bank_names = stylegan2.official_names(self.bank) if self.bank is not None else {}
+        for k in self.state_dict():
+            if k.startswith("bank."):
+                names[k] = "generator.generator." + bank_names[k[len("bank."):]]
+            else:
+                names[k] = "generator." + k
+        return names
+
+    @classmethod
+    def from_official(cls, checkpoint, cfg: GLEANConfig | dict | None = None) -> "GLEAN":
+        """Load an official GLEAN release checkpoint ({'meta', 'state_dict'} with `generator.` keys; path or dict).
+
+        Keys outside `generator.` (discriminator, perceptual loss) are ignored; every generator key must match the
+        model built from `cfg` (default: GLEANConfig()) in name and shape. Returns the model in eval mode.
+        """
+        cfg = GLEANConfig.from_dict(cfg) if isinstance(cfg, dict) else (cfg or GLEANConfig())
+        source = str(checkpoint) if not isinstance(checkpoint, dict) else "checkpoint"
+        ckpt = checkpoint if isinstance(checkpoint, dict) else load_file(checkpoint)
+        sd = {k: v for k, v in state_dict_of(ckpt).items() if k.startswith("generator.")}
+        if not sd:
+            raise CheckpointError(f"{source} has no 'generator.' keys: not an official GLEAN release checkpoint "
+                                  f"(for this project's own files use GLEAN.load)")
+        with torch.device("meta"):
+            model = cls(cfg)
+        load_state_strict(model, sd, model.official_names(), source)
+        return model.eval()
+
+    def load_bank(self, checkpoint, prefix: str = "generator_ema.") -> "GLEAN":
+        """Load official StyleGAN2 weights (`generator_ema.*` keys, with or without a `state_dict` wrapper)."""
+        if self.bank is None:
+            raise ValueError("this configuration has no latent bank (decoder_bank_up_to=0 with a decoder)")
+        stylegan2.load_official(self.bank, checkpoint, prefix)
+        return self
+
+    def save(self, path) -> None:
+        """Save in this project's format: tensors + the config as plain data (.safetensors or .pt), atomically."""
+        sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        save_file({"format": "glean", "config": asdict(self.cfg), "state_dict": sd,
+                   "metadata": {"format": "glean", "config": asdict(self.cfg)}}
+                  if str(path).endswith(".safetensors") else
+                  {"format": "glean", "config": asdict(self.cfg), "state_dict": sd}, path)
+
+    @classmethod
+    def load(cls, checkpoint) -> "GLEAN":
+        """Load this project's format (see `save`); returns the model in eval mode."""
+        source = str(checkpoint) if not isinstance(checkpoint, dict) else "checkpoint"
+        ckpt = checkpoint if isinstance(checkpoint, dict) else load_file(checkpoint)
+        meta = ckpt.get("metadata", ckpt)
+        if meta.get("format") != "glean" or "config" not in meta:
+            raise CheckpointError(f"{source} is not a GLEAN checkpoint of this project (no format/config entry); "
+                                  f"for official release files use GLEAN.from_official")
+        config = meta["config"]
+        config = json.loads(config) if isinstance(config, str) else config
+        with torch.device("meta"):
+            model = cls(GLEANConfig.from_dict(config))
+        load_state_strict(model, state_dict_of(ckpt), {k: k for k in model.state_dict()}, source)
+        return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MATLAB-compatible bicubic resize
+
+
+def cubic(x: torch.Tensor) -> torch.Tensor:
+    """Keys' cubic convolution kernel with a = -0.5 (MATLAB's 'bicubic')."""
+    ax = x.abs()
+    ax2, ax3 = ax ** 2, ax ** 3
+    return ((1.5 * ax3 - 2.5 * ax2 + 1) * (ax <= 1)
+            + (-0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2) * ((ax > 1) & (ax <= 2)))
+
+
+def resize_matrix(in_len: int, out_len: int, scale: float, antialias: bool = True) -> torch.Tensor:
+    """[out_len, in_len] float64 matrix of MATLAB imresize's bicubic weights along one axis.
+
+    Output pixel x (1-based) samples input coordinate u = x / scale + (1 - 1/scale) / 2. When downscaling with
+    antialiasing the kernel is stretched by 1/scale (width 4/scale) and its height scaled by `scale`. Weights are
+    normalised to sum 1; taps outside the image are mirrored back in (MATLAB's 'symmetric' boundary).
+    """
+    stretch = scale < 1 and antialias
+    width = 4.0 / scale if stretch else 4.0
+    x = torch.arange(1, out_len + 1, dtype=torch.float64)
+    u = x / scale + 0.5 * (1 - 1 / scale)
+    left = torch.floor(u - width / 2)
+    taps = math.ceil(width) + 2
+    idx = left[:, None] + torch.arange(taps, dtype=torch.float64)[None]     # [out, taps], 1-based
+    dist = u[:, None] - idx
+    w = scale * cubic(dist * scale) if stretch else cubic(dist)
+    w = w / w.sum(dim=1, keepdim=True)
+    idx = idx.long() - 1                                                     # 0-based
+    idx = torch.where(idx < 0, -idx - 1, idx)                                # mirror: -1 -> 0, -2 -> 1
+    idx = torch.where(idx >= in_len, 2 * in_len - 1 - idx, idx)              # mirror: n -> n-1, n+1 -> n-2
+    idx = idx.clamp(0, in_len - 1)                                           # (only for kernels wider than 2n)
+    m = torch.zeros(out_len, in_len, dtype=torch.float64)
+    m.scatter_add_(1, idx, w)
+    return m
+
+
+def imresize(img: torch.Tensor, scale: float | None = None, size: tuple | int | None = None,
+             antialias: bool = True) -> torch.Tensor:
+    """MATLAB `imresize(img, scale, 'bicubic')` on float tensors [..., H, W] (any value range; no rounding).
+
+    Give either `scale` (output = ceil(in * scale)) or `size` (int or (H, W)). Antialiased when downscaling,
+    as MATLAB does; the released GLEAN models were trained on LR images made this way.
+    """
+    if not torch.is_floating_point(img):
+        raise TypeError(f"imresize expects a float tensor, got {img.dtype} (convert with .float())")
+    H, W = img.shape[-2:]
+    if (scale is None) == (size is None):
+        raise ValueError("give exactly one of scale or size")
+    if size is None:
+        out_h, out_w = math.ceil(H * scale), math.ceil(W * scale)
+        sh = sw = float(scale)
+    else:
+        out_h, out_w = (size, size) if isinstance(size, int) else size
+        sh, sw = out_h / H, out_w / W
+    mh = resize_matrix(H, out_h, sh, antialias).to(img.dtype).to(img.device)  # [out_h, H]
+    mw = resize_matrix(W, out_w, sw, antialias).to(img.dtype).to(img.device)  # [out_w, W]
+    return mh @ img @ mw.T                                                      # [..., out_h, out_w]

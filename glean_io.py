@@ -1,0 +1,240 @@
+"""Checkpoint files in and out, without ever running code from them.
+
+- `load_file(path)`: safetensors, or `torch.load(weights_only=True)`; a file that weights_only refuses (released
+  checkpoints may carry arbitrary objects in their `meta`) is read by `RestrictedUnpickler`, which rebuilds tensors
+  and plain containers only and replaces every other object by an inert `Placeholder`. It never imports or calls
+  anything named in the file.
+- `save_file(obj, path)`: plain data (tensors, numbers, strings, dicts), written atomically (temp file + rename).
+- `download(url, sha256_prefix)`: fetch into the torch.hub cache with a hash check (http(s) or file:// URLs).
+"""
+import contextlib
+import hashlib
+import io
+import json
+import os
+import pickle
+import tempfile
+import types
+import zipfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, corrupt, or not matching the model. The message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Restricted unpickling
+
+
+class Placeholder:
+    """Inert stand-in for an object the restricted unpickler refused to build. Records what it replaced."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs, self.state, self.items = args, kwargs, None, []
+
+    def __setstate__(self, state):      # BUILD
+        self.state = state
+
+    def __setitem__(self, key, value):  # SETITEM(S) on a dict subclass
+        self.items.append((key, value))
+
+    def append(self, value):            # APPEND(S) on a list subclass
+        self.items.append(value)
+
+    def extend(self, values):
+        self.items.extend(values)
+
+    def __repr__(self):
+        return f"<Placeholder for {type(self).refused}>"
+
+
+def _placeholder_class(module: str, name: str) -> type:
+    return type("Placeholder", (Placeholder,), {"refused": f"{module}.{name}"})
+
+
+# Globals a checkpoint of tensors needs; everything else becomes a Placeholder.
+_ALLOWED = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch", "Size"),
+    ("torch", "device"),
+} | {("torch", n) for n in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+                            "uint8", "bool")}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals in `_ALLOWED`; every other global becomes an inert Placeholder class,
+    so a REDUCE on it builds a Placeholder instead of calling the named function (e.g. os.system)."""
+
+    refused: list
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        self.refused = getattr(self, "refused", []) + [f"{module}.{name}"]
+        return _placeholder_class(module, name)
+
+
+def _restricted_load(file, **kwargs):
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+# what torch.load expects of a pickle module: `Unpickler` and `load`
+restricted_pickle = types.SimpleNamespace(Unpickler=RestrictedUnpickler, load=_restricted_load,
+                                          __name__="glean_io.restricted_pickle")
+
+
+def torch_load(path, map_location="cpu"):
+    """torch.load with weights_only=True; if refused for a non-tensor object, load with RestrictedUnpickler."""
+    mmap = zipfile.is_zipfile(path)  # zip-format files map their tensors instead of reading them into memory
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); "
+                                  f"re-download or re-export it") from e
+    return torch.load(path, map_location=map_location, weights_only=False, pickle_module=restricted_pickle,
+                      mmap=mmap)
+
+
+def load_file(path) -> dict:
+    """Load a checkpoint as a dict: .safetensors -> {'state_dict': tensors, 'metadata': {str: str}}, else the
+    unpickled dict (tensors, containers, Placeholders). Raises CheckpointError with a one-line hint on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (check the path, or pass a registered model name)")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {"state_dict": {k: f.get_tensor(k) for k in f.keys()}, "metadata": f.metadata() or {}}
+        except Exception as e:  # safetensors raises several types for corrupt headers
+            raise CheckpointError(f"{path}: not a valid safetensors file ({e}); re-download or re-export it") from e
+    try:
+        obj = torch_load(path)
+    except CheckpointError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]}); "
+                              f"re-download or re-export it") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def state_dict_of(ckpt: dict) -> dict:
+    """The tensor dict of a loaded checkpoint: ckpt['state_dict'] when present (release/training layout), else ckpt."""
+    sd = ckpt.get("state_dict", ckpt)
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"checkpoint 'state_dict' is a {type(sd).__name__}, expected a dict of tensors")
+    return sd
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def load_state_strict(module: torch.nn.Module, file_sd: dict, names: dict, source: str) -> None:
+    """Load `file_sd` into `module` strictly. `names` maps each module key to its key in the file.
+
+    Any missing, unexpected or mis-shaped key raises CheckpointError naming the key and the expected shape.
+    A module built on the meta device takes the file's tensors as its own (no copy, no random init first).
+    """
+    expected = module.state_dict()
+    to_ours = {f: o for o, f in names.items()}
+    problems = []
+    for ours, theirs in names.items():
+        if theirs not in file_sd:
+            problems.append(f"missing key '{theirs}' (expected shape {_fmt(expected[ours].shape)})")
+        elif not torch.is_tensor(file_sd[theirs]):
+            problems.append(f"key '{theirs}' is a {type(file_sd[theirs]).__name__}, not a tensor")
+        elif file_sd[theirs].shape != expected[ours].shape:
+            problems.append(f"key '{theirs}' has shape {_fmt(file_sd[theirs].shape)}, "
+                            f"expected {_fmt(expected[ours].shape)}")
+    problems += [f"unexpected key '{k}'" for k in file_sd if k not in to_ours]
+    if problems:
+        more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems[:3]) + more +
+                              ". Check that the checkpoint and the model configuration belong together.")
+    ours_sd = {o: file_sd[f].to(expected[o].dtype) for o, f in names.items()}
+    assign = any(t.is_meta for t in expected.values())
+    module.load_state_dict(ours_sd, strict=True, assign=assign)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a temporary file next to `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_file(obj: dict, path) -> None:
+    """Save plain data atomically: .safetensors needs {'state_dict': tensors, 'metadata': dict}; else torch.save."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
+        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in obj.get("metadata", {}).items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in obj["state_dict"].items()}
+        data = save(tensors, metadata=meta)
+        with atomic_write(path) as f:
+            f.write(data)
+        return
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_write(path) as f:
+        f.write(buf.getbuffer())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Download
+
+
+def sha256_of(path, chunk=1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url: str, sha256_prefix: str | None = None, *, progress=True, cache_dir=None) -> Path:
+    """Download `url` into the torch.hub checkpoint cache (or reuse it) and check its sha256 prefix.
+
+    Works with http(s):// and file:// URLs; the file appears only when complete and verified.
+    """
+    cache = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    cache.mkdir(parents=True, exist_ok=True)
+    dst = cache / os.path.basename(url.split("?")[0])
+    if dst.is_file():
+        if sha256_prefix is None or sha256_of(dst).startswith(sha256_prefix):
+            return dst
+        dst.unlink()  # a stale or corrupt cached copy: fetch again
+    try:
+        torch.hub.download_url_to_file(url, str(dst), hash_prefix=sha256_prefix, progress=progress)
+    except RuntimeError as e:  # raised by torch.hub on a hash mismatch
+        raise CheckpointError(f"{url}: downloaded file failed its hash check ({e}); try again or download it by "
+                              f"hand and pass the local path") from e
+    except OSError as e:
+        raise CheckpointError(f"could not download {url} ({e}); check the network, or download it by hand and "
+                              f"pass the local path") from e
+    return dst

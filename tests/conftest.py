@@ -1,0 +1,27 @@
+"""Shared test helpers: tiny configurations and the official reference data copied into tests/data."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+sys.path.insert(0, str(ROOT))  # the flat modules (glean.py, stylegan2.py, ...) also without `pip install .`
+
+import glean  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_cfg(in_size=8, out_size=32, **kw) -> "glean.GLEANConfig":
+    """A GLEAN small enough for CPU tests: channel table 16 (4-32 px) and below, 2 thin RRDBs."""
+    base = dict(in_size=in_size, out_size=out_size, rrdb_channels=8, num_rrdbs=1, rrdb_growth_channels=4,
+                style_channels=16, num_mlps=2, channel_multiplier=1, channel_base=16, decoder_channels=8)
+    base.update(kw)
+    return glean.GLEANConfig(**base)
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(0)
