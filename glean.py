@@ -99,10 +99,6 @@ class GLEANConfig:
 # E_0: RRDBNet (ESRGAN) feature extractor
 
 
-def lrelu(x: torch.Tensor) -> torch.Tensor:
-    return F.leaky_relu(x, 0.2)
-
-
 class ResidualDenseBlock(nn.Module):
     """Five densely connected 3x3 convs; x + 0.2 * conv5([x, x1, x2, x3, x4])."""
 
@@ -120,8 +116,8 @@ class ResidualDenseBlock(nn.Module):
     def forward(self, x):
         feats = [x]
         for i in range(1, 5):
-            feats.append(lrelu(getattr(self, f"conv{i}")(torch.cat(feats, dim=1))))
-        return x + 0.2 * self.conv5(torch.cat(feats, dim=1))
+            feats.append(F.leaky_relu_(getattr(self, f"conv{i}")(torch.cat(feats, dim=1)), 0.2))
+        return self.conv5(torch.cat(feats, dim=1)).mul_(0.2).add_(x)
 
 
 class RRDB(nn.Module):
@@ -134,7 +130,7 @@ class RRDB(nn.Module):
         self.rdb3 = ResidualDenseBlock(channels, growth)
 
     def forward(self, x):
-        return x + 0.2 * self.rdb3(self.rdb2(self.rdb1(x)))
+        return self.rdb3(self.rdb2(self.rdb1(x))).mul_(0.2).add_(x)
 
 
 class RRDBNet(nn.Module):
@@ -148,7 +144,7 @@ class RRDBNet(nn.Module):
 
     def forward(self, x):
         feat = self.conv_first(x)
-        return feat + self.conv_body(self.body(feat))
+        return self.conv_body(self.body(feat)).add_(feat)
 
 
 class PixelShufflePack(nn.Module):
@@ -175,6 +171,8 @@ class GLEAN(nn.Module):
     def __init__(self, cfg: GLEANConfig):
         super().__init__()
         self.cfg = cfg
+        # inference runs the high-resolution blocks on strips of about this many values (0: whole image at once)
+        self.strip_elems = 1 << 22
         self.channels = ch = stylegan2.channel_table(cfg.channel_multiplier, cfg.channel_base)
         n_in, n_out = int(math.log2(cfg.in_size)), int(math.log2(cfg.out_size))
         lrelu_ = lambda: nn.LeakyReLU(0.2, inplace=True)  # noqa: E731
@@ -242,37 +240,36 @@ class GLEAN(nn.Module):
 
     # -- latent bank -----------------------------------------------------------------------------------------
 
-    def bank_features(self, feats: dict, C: torch.Tensor, up_to: int, rgb: bool = False):
-        """Run the augmented style blocks S_i (Eq. 3); yield (res, g_i) for res > in_size, stopping at `up_to`.
+    def bank_input(self, C: torch.Tensor, rgb: bool = False):
+        """S_0: the constant 4x4 input through the first style layer (c_0); with rgb=True also its toRGB (c_1)."""
+        bank = self.bank
+        const = bank.constant_input(C.shape[0]).contiguous(memory_format=torch.channels_last)  # NHWC like the rest
+        g = bank.conv1(const, C[:, 0], bank.injected_noise_0)                   # [B, ch[4], 4, 4]
+        return g, (bank.to_rgb1(g, C[:, 1]) if rgb else None)
 
-        Each block takes its own latent vectors c_i; blocks at res <= fuse_encoder_up_to first fuse the encoder
-        feature of that resolution: g <- conv([g, f]). The bank always uses its fixed noise buffers. With rgb=True
-        it also runs the official RGB skip branch (toRGB, fusion_skip) and yields (res, g_i, rgb_i); otherwise that
-        branch is skipped, as it cannot influence the decoder's output. The mapping MLP is never used: C lives
-        in w space already.
+    def style_block(self, k: int, g: torch.Tensor, C: torch.Tensor, feats: dict, skip=None, row0: int = 0):
+        """The k-th upsampling style block S_{k+1} of the bank, augmented with a fusion conv (Eq. 3).
+
+        g [B, ch[r], h, r] -> [B, ch[2r], 2h, 2r]. If the encoder has a feature f at resolution r, it is fused
+        first: g <- conv([g, f]). Each layer takes its own latent vector from C (one per layer, Sec. 3.2); the bank
+        always uses its fixed noise buffers. `skip` is the official RGB skip branch (toRGB + fusion_skip): it only
+        matters without a decoder, so it is computed only when given. g may be a strip of rows starting at `row0`
+        (h < r, see run_in_strips): the noise is cut to match.
         """
-        bank, cfg = self.bank, self.cfg
-        noise = bank.noises()
-        B = C.shape[0]
-        g = bank.conv1(bank.constant_input(B), C[:, 0], noise[0])          # S_0: [B, ch[4], 4, 4]
-        skip = bank.to_rgb1(g, C[:, 1]) if rgb else None
-        for k, (res, up_conv, conv) in enumerate(zip(bank.resolutions, bank.convs[::2], bank.convs[1::2])):
-            if res > up_to:
-                return
-            prev, i = res // 2, 2 * k + 1                                    # input resolution, latent index
-            if prev <= cfg.fuse_encoder_up_to:                               # Eq. (3): fuse f at resolution prev
-                f = feats[prev]
-                assert_shape(f, [B, g.shape[1], prev, prev])
-                g = self.fusion_out[k](torch.cat([g, f], dim=1))              # [B, ch[prev], prev, prev]
-                if rgb:
-                    skip = self.fusion_skip[k](torch.cat([skip, f], dim=1))  # [B, 3, prev, prev]
-            g = up_conv(g, C[:, i], noise[i])                                # [B, ch[res], res, res]
-            g = conv(g, C[:, i + 1], noise[i + 1])
-            if rgb:
-                skip = bank.to_rgbs[k](g, C[:, i + 2], skip)                 # [B, 3, res, res]
-                yield res, g, skip
-            elif res > cfg.in_size:
-                yield res, g
+        bank, (B, _, h, r) = self.bank, g.shape
+        i = 2 * k + 1                                                        # index of this block's first latent
+        noise = [getattr(bank, f"injected_noise_{n}")[:, :, 2 * row0:2 * (row0 + h)] for n in (i, i + 1)]
+        if r <= self.cfg.fuse_encoder_up_to:
+            f = feats[r]
+            assert_shape(f, [B, g.shape[1], r, r])
+            g = self.fusion_out[k](torch.cat([g, f], dim=1))                  # Eq. (3): [B, ch[r], r, r]
+            if skip is not None:
+                skip = self.fusion_skip[k](torch.cat([skip, f], dim=1))      # [B, 3, r, r]
+        g = bank.convs[2 * k](g, C[:, i], noise[0])                          # [B, ch[2r], 2h, 2r]
+        g = bank.convs[2 * k + 1](g, C[:, i + 1], noise[1])
+        if skip is not None:
+            skip = bank.to_rgbs[k](g, C[:, i + 2], skip)                     # [B, 3, 2r, 2r]
+        return g, skip
 
     # -- forward ---------------------------------------------------------------------------------------------
 
@@ -282,25 +279,51 @@ class GLEAN(nn.Module):
         if (C_img, H, W) != (cfg.img_channels, cfg.in_size, cfg.in_size):
             raise ValueError(f"GLEAN expects input [B, {cfg.img_channels}, {cfg.in_size}, {cfg.in_size}], "
                              f"got {list(x.shape)}")
+        x = x.contiguous(memory_format=torch.channels_last)  # NHWC: the fast layout for CPU (oneDNN) and GPU convs
         feats, C = self.encode(x)                                            # Eq. (1), (2)
         if not cfg.use_decoder:                                              # ablation: the bank's RGB is the output
-            for res, _, rgb in self.bank_features(feats, C, cfg.out_size, rgb=True):
-                pass
-            return rgb
-        # Decoder, Eq. (4), interleaved with the bank so each g_i is consumed (and freed) as soon as it exists.
-        bank = self.bank_features(feats, C, cfg.decoder_bank_up_to) if cfg.decoder_bank_up_to else iter(())
-        d = self.decoder[0](feats[cfg.in_size])                              # d_0 = D_0(f_0): [B, ch[2in], 2in, 2in]
-        del feats
-        for D_i in self.decoder[1:]:
-            res = d.shape[-1]
-            if res <= cfg.decoder_bank_up_to:
-                res_g, g = next(bank)
-                assert res_g == res and g.shape[0] == B, (res_g, res, g.shape)
-                d = torch.cat([d, g], dim=1)                                 # [B, ch[res] * 2, res, res]
-                del g
-            d = D_i(d)                                                       # d_i = D_i(d_{i-1}, g)
-        assert_shape(d, [B, cfg.img_channels, cfg.out_size, cfg.out_size])
-        return d
+            g, rgb = self.bank_input(C, rgb=True)
+            for k in range(len(self.bank.resolutions)):
+                g, rgb = self.style_block(k, g, C, feats, rgb)
+            return rgb.contiguous()
+        # Decoder, Eq. (4), interleaved with the bank: each g_i is consumed, then freed, as soon as it exists.
+        # The mapping MLP is never run (C is in w space already) and the bank stops at the last g_i the decoder uses.
+        # `o` holds a decoder block's conv output before its pixel-shuffle (see decoder_step).
+        g = self.bank_input(C)[0] if cfg.decoder_bank_up_to else None
+        o = self.decoder[0].upsample_conv(feats[cfg.in_size])                # D_0(f_0), before the shuffle
+        strips = self.strip_elems and not torch.is_grad_enabled()
+        for j, D_j in enumerate(self.decoder[1:], start=1):
+            res = 2 * o.shape[-1]                                            # = in_size * 2^j
+            uses_g = res <= cfg.decoder_bank_up_to
+            if strips and uses_g and res == cfg.out_size:
+                # The bank's top block and the output block together on strips of rows: the largest feature maps
+                # (full resolution, many channels) never exist whole. o and g are at res / 2 here.
+                k = len(self.bank.resolutions) - 1
+                top = lambda r0, o_s, g_s: self.decoder_step(  # noqa: E731
+                    D_j, o_s, self.style_block(k, g_s, C, feats, row0=r0)[0])
+                o = run_in_strips(top, [o, g], [1, 1], halo=3, width=self.channels[res] * 2,
+                                  max_elems=self.strip_elems)
+                break
+            while uses_g and g.shape[-1] < res:                              # run the bank up to resolution res
+                g, _ = self.style_block(int(math.log2(g.shape[-1])) - 2, g, C, feats)
+            g_j = g if uses_g else None
+            if res == cfg.decoder_bank_up_to:
+                g = None                                                     # the bank's last feature: free it after use
+            if strips:
+                step = lambda r0, o_s, g_s: self.decoder_step(D_j, o_s, g_s)  # noqa: E731
+                o = run_in_strips(step, [o, g_j], [1, 2], halo=1, width=o.shape[1], max_elems=self.strip_elems)
+            else:
+                o = self.decoder_step(D_j, o, g_j)
+            del g_j
+        assert_shape(o, [B, cfg.img_channels, cfg.out_size, cfg.out_size])
+        return o.contiguous()
+
+    def decoder_step(self, D_j: nn.Module, o: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        """d_j = D_j(d_{j-1}, g_j), Eq. (4): the previous block's conv output o [B, 4C, h, w] is pixel-shuffled to
+        d_{j-1} [B, C, 2h, 2w] and concatenated with the bank feature g_j in one copy (shuffle_cat), then D_j's conv
+        runs; its own shuffle is left to the next step. The output block (conv, lrelu, conv) ends the chain."""
+        x = shuffle_cat(o, g)                                                # [B, C + C_g, 2h, 2w]
+        return D_j.upsample_conv(x) if isinstance(D_j, PixelShufflePack) else D_j(x)
 
     # -- weights ---------------------------------------------------------------------------------------------
 
@@ -364,6 +387,48 @@ class GLEAN(nn.Module):
             model = cls(GLEANConfig.from_dict(config))
         load_state_strict(model, state_dict_of(ckpt), {k: k for k in model.state_dict()}, source)
         return model.eval()
+
+
+def shuffle_cat(o: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    """[pixel_shuffle(o, 2), g] along channels, written into one new NHWC buffer.
+
+    o [B, 4C, H, W] -> [B, C (+ C_g), 2H, 2W], with out[b, c, 2h+i, 2w+j] = o[b, 4c + 2i + j, h, w] (PixelShuffle).
+    """
+    B, C4, H, W = o.shape
+    C, C_g = C4 // 4, (g.shape[1] if g is not None else 0)
+    out = torch.empty(B, C + C_g, 2 * H, 2 * W, dtype=o.dtype, device=o.device, memory_format=torch.channels_last)
+    shuffled = o.unflatten(1, (C, 2, 2)).permute(0, 1, 4, 2, 5, 3)          # [B, C, H, i, W, j]
+    out[:, :C].unflatten(2, (H, 2)).unflatten(4, (W, 2)).copy_(shuffled)     # [B, C, H, 2, W, 2] view of out
+    if g is not None:
+        assert_shape(g, [B, None, 2 * H, 2 * W])
+        out[:, C:] = g
+    return out
+
+
+def run_in_strips(fn, inputs: list, scales: list, halo: int, width: int, max_elems: int = 1 << 22):
+    """fn(row0, *inputs) computed on horizontal strips and stitched together, for inference at high resolution.
+
+    Rows are counted at a base resolution: inputs[i] has scales[i] rows per base row (None inputs pass through),
+    and fn maps base rows [a, b) (starting at row0 = a) to output rows [2a, 2b). Each strip carries `halo` extra
+    base rows on both sides (>= fn's receptive-field radius), cropped off afterwards, so the result equals
+    fn(0, *inputs) while fn's intermediates exist for one strip at a time. A strip is sized so that an output-
+    resolution intermediate with `width` channels has about `max_elems` values (16 MB in float32): small enough for
+    the allocator to reuse memory between strips instead of faulting in fresh pages.
+    """
+    x0 = next(x for x in inputs if x is not None)
+    B, H, W = x0.shape[0], x0.shape[-2] // scales[0], x0.shape[-1] // scales[0]   # base rows and columns
+    rows = max(1, max_elems // (B * width * 4 * W))                                 # base rows per strip
+    out = None
+    for r0 in range(0, H, rows):
+        r1 = min(H, r0 + rows)
+        a, b = max(0, r0 - halo), min(H, r1 + halo)                                 # with halo
+        y = fn(a, *[x[:, :, a * s:b * s] if x is not None else None for x, s in zip(inputs, scales)])
+        y = y[:, :, 2 * (r0 - a):2 * (r1 - a)]                                      # crop the halo
+        if out is None:
+            out = torch.empty(B, y.shape[1], 2 * H, y.shape[-1], dtype=y.dtype, device=y.device,
+                              memory_format=torch.channels_last)
+        out[:, :, 2 * r0:2 * r1] = y
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -79,15 +79,21 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
 
 
 class Blur(nn.Module):
-    """FIR low-pass filter (upfirdn2d with up=down=1). For upsampling layers the kernel is scaled by factor^2."""
+    """FIR low-pass filter, upfirdn2d with up = down = 1, as one depthwise conv (kernel scaled by factor^2 when it
+    follows a 2x upsampling). An optional per-channel bias is added in the same pass."""
 
     def __init__(self, kernel=(1, 3, 3, 1), pad=(0, 0), upsample_factor: int = 1):
         super().__init__()
         self.register_buffer("kernel", make_kernel(kernel) * upsample_factor ** 2)
         self.pad = tuple(pad)
 
-    def forward(self, x):
-        return upfirdn2d(x, self.kernel, pad=self.pad)
+    def forward(self, x, bias=None):
+        C = x.shape[1]
+        p0, p1 = self.pad
+        if p0 != p1:
+            x, p0 = F.pad(x, [p0, p1, p0, p1]), 0
+        w = self.kernel.flip([0, 1]).to(x.dtype)[None, None].expand(C, 1, *self.kernel.shape)
+        return F.conv2d(x, w, bias, padding=p0, groups=C)
 
 
 class Upsample(nn.Module):
@@ -188,22 +194,46 @@ class ModulatedConv2d(nn.Module):
             weight = weight * torch.rsqrt(weight.square().sum(dim=(2, 3, 4), keepdim=True) + self.eps)
         return weight
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, *, gain: float = 1.0, bias=None) -> torch.Tensor:
+        """gain * (W'' * x) + bias for x [B, C_in, H, W], styles w [B, S]  ->  [B, C_out, H', W'].
+
+        One sample: W'' is an ordinary conv weight (gain folded in). Several samples: the equivalent form
+        (W'' * x)_o = d_o (W * (s x))_o with d_o = 1 / sqrt(sum_{i,k} (s_i W_oik)^2 + eps), so the batch shares one
+        convolution (the official code runs a grouped convolution with one weight per sample instead).
+        """
         B, C, H, W = x.shape
         assert C == self.in_channels, f"expected {self.in_channels} input channels, got {C}"
-        weight = self.modulated_weight(w).to(x.dtype)                    # [B, O, I, k, k]
-        O, k = self.out_channels, self.kernel_size
-        if B == 1:  # one sample: an ordinary convolution with the modulated weight
+        k = self.kernel_size
+        if B == 1:
+            weight = (self.modulated_weight(w)[0] * gain).to(x.dtype)               # [O, I, k, k]
             if self.upsample:
-                out = F.conv_transpose2d(x, weight[0].transpose(0, 1), stride=2)   # [1, O, 2H+1, 2W+1]
-                return self.blur(out)                                              # [1, O, 2H, 2W]
-            return F.conv2d(x, weight[0], padding=k // 2)                           # [1, O, H, W]
-        # several samples: one grouped convolution, each sample is a group with its own weight
+                out = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)      # [1, O, 2H+1, 2W+1]
+                return self.blur(out, bias)                                         # [1, O, 2H, 2W]
+            return F.conv2d(x, weight, bias, padding=k // 2)                         # [1, O, H, W]
+        s = self.style_modulation(w)                                                # [B, I]
+        weight = (self.weight[0] * self.scale).to(x.dtype)                          # [O, I, k, k]
+        x = x * s.to(x.dtype)[:, :, None, None]                                     # modulate the activations
+        if self.upsample:
+            out = self.blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2))  # [B, O, 2H, 2W]
+        else:
+            out = F.conv2d(x, weight, padding=k // 2)                                 # [B, O, H, W]
+        d = torch.full_like(s[:, :1], gain)                                          # [B, 1]
+        if self.demodulate:
+            d = gain * torch.rsqrt(s.square() @ weight.square().sum(dim=(2, 3)).T + self.eps)  # [B, O]
+        out = out * d.to(out.dtype)[:, :, None, None]
+        return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+    def forward_reference(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The official formulation: a grouped convolution with one modulated weight per sample (for tests)."""
+        B, C, H, W = x.shape
+        weight = self.modulated_weight(w).to(x.dtype)                               # [B, O, I, k, k]
+        O, k = self.out_channels, self.kernel_size
         x = x.reshape(1, B * C, H, W)
         if self.upsample:
-            weight = weight.transpose(1, 2).reshape(B * C, O, k, k)       # conv_transpose wants [in, out, k, k]
-            out = F.conv_transpose2d(x, weight, stride=2, groups=B)        # [1, B*O, 2H+1, 2W+1]
-            return self.blur(out.view(B, O, *out.shape[2:]))                # [B, O, 2H, 2W]
+            weight = weight.transpose(1, 2).reshape(B * C, O, k, k)  # conv_transpose wants [in, out/groups, k, k]
+            out = F.conv_transpose2d(x, weight, stride=2, groups=B)                 # [1, B*O, 2H+1, 2W+1]
+            out = out.view(B, O, *out.shape[2:])
+            return upfirdn2d(out, self.blur.kernel, pad=self.blur.pad)              # [B, O, 2H, 2W]
         out = F.conv2d(x, weight.reshape(B * O, C, k, k), padding=k // 2, groups=B)  # [1, B*O, H, W]
         return out.view(B, O, H, W)
 
@@ -223,7 +253,8 @@ class NoiseInjection(nn.Module):
 
 
 class StyleConv(nn.Module):
-    """One style layer: modulated conv -> noise -> bias + leaky ReLU (official ModulatedStyleConv)."""
+    """One style layer: modulated conv -> + strength * noise -> + bias -> leaky ReLU(0.2) * sqrt(2)
+    (official ModulatedStyleConv; `noise_injector` and `activate` hold the strength and the bias)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, style_channels, *, upsample=False,
                  blur_kernel=(1, 3, 3, 1)):
@@ -234,7 +265,20 @@ class StyleConv(nn.Module):
         self.activate = BiasLeakyReLU(out_channels)
 
     def forward(self, x, w, noise=None):
-        return self.activate(self.noise_injector(self.conv(x, w), noise))
+        # leaky ReLU is positively homogeneous: lrelu(y) * sqrt2 = lrelu(sqrt2 y). The gain is folded into the conv
+        # and the bias added inside it, so at high resolution only two passes remain (noise, activation).
+        out = self.conv(x, w, gain=SQRT2, bias=self.activate.bias * SQRT2)
+        if noise is None:
+            B, _, H, W = out.shape
+            noise = torch.randn(B, 1, H, W, device=out.device, dtype=out.dtype)
+        noise = noise * (self.noise_injector.weight * SQRT2)                   # [B or 1, 1, H, W]
+        if torch.is_grad_enabled():
+            return F.leaky_relu(out + noise, 0.2)
+        return F.leaky_relu_(out.add_(noise), 0.2)                             # in place: no new allocation
+
+    def forward_reference(self, x, w, noise=None):
+        """Official order of operations, one module after the other (for tests)."""
+        return self.activate(self.noise_injector(self.conv.forward_reference(x, w), noise))
 
 
 class ToRGB(nn.Module):

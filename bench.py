@@ -1,0 +1,155 @@
+"""Inference benchmark: seconds per image, FLOPs, achieved GFLOP/s against a conv peak measured in the same run,
+and peak memory, for the official configurations with random weights.
+
+    python bench.py                       # CPU: cat 8x (32->256) and ffhq 16x (64->1024)
+    python bench.py --device cuda --amp   # also on a GPU, in fp16/bf16 autocast
+
+Each configuration runs in a fresh subprocess, so peak RSS is that of one model and one image. Before timing, the
+golden case (tests/data) is checked against the official output. FLOPs are counted by torch's FlopCounterMode
+(2 per multiply-add, as in the official timing files) on one forward without the strip recomputation.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+CONFIGS = {  # official constructor kwargs (tests/data/manifest_*.json)
+    "cat_8x": dict(in_size=32, out_size=256),
+    "ffhq_16x": dict(in_size=64, out_size=1024),
+}
+OFFICIAL = {"cat_8x": "timing_glean_cat_8x.json", "ffhq_16x": "timing_glean_ffhq_16x.json"}
+
+
+def max_rss_mib() -> float:
+    """Peak resident memory of this process (VmHWM). Unlike getrusage's ru_maxrss it does not inherit the
+    parent's peak across fork + exec, and it falls back to ru_maxrss where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def conv_peak(device, dtype=torch.float32, repeats=5) -> tuple:
+    """Best GFLOP/s of large 3x3 convolutions (NHWC): the machine's practical conv peak."""
+    best = (0.0, None)
+    for c, hw in [(512, 64), (512, 32), (256, 128), (1024, 32)]:
+        x = torch.randn(1, c, hw, hw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(c, c, 3, 3, device=device, dtype=dtype)
+        F.conv2d(x, w, padding=1)
+        for _ in range(repeats):
+            sync(device)
+            t = time.perf_counter()
+            F.conv2d(x, w, padding=1)
+            sync(device)
+            gflops = 2 * c * c * 9 * hw * hw / (time.perf_counter() - t) / 1e9
+            best = max(best, (gflops, f"conv3x3 {c}->{c} at {hw}x{hw}"), key=lambda b: b[0])
+    return best
+
+
+def golden_error() -> float:
+    import glean
+    meta = json.loads((ROOT / "tests/data/golden_in16_out64.json").read_text())
+    cfg = glean.GLEANConfig(**meta["constructor_kwargs"], channel_base=64)
+    model = glean.GLEAN.from_official(ROOT / "tests/data/golden_in16_out64_ckpt.pth", cfg)
+    io = torch.load(ROOT / "tests/data/golden_in16_out64_io.pt", weights_only=True)
+    with torch.no_grad():
+        return (model(io["input"]) - io["output"]).abs().max().item()
+
+
+def run_one(name: str, device: str, repeats: int, amp: bool) -> dict:
+    """Runs in its own process: build, warm up, time, count FLOPs."""
+    rss_import = max_rss_mib()
+    import glean
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    cfg = glean.GLEANConfig(**CONFIGS[name])
+    model = glean.GLEAN(cfg).eval().to(dev)
+    rss_build = max_rss_mib()
+    x = torch.rand(1, 3, cfg.in_size, cfg.in_size, device=dev) * 2 - 1
+    dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    ctx = (lambda: torch.autocast(dev.type, dtype=dtype)) if amp else torch.no_grad
+    with torch.no_grad(), ctx():
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        model(x)  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync(dev)
+            t = time.perf_counter()
+            y = model(x)
+            sync(dev)
+            times.append(time.perf_counter() - t)
+    assert y.shape == (1, 3, cfg.out_size, cfg.out_size) and torch.isfinite(y).all()
+    out = {"config": name, "device": device, "amp": amp, "times_s": [round(t, 3) for t in times],
+           "median_s": statistics.median(times), "maxrss_MiB": {"after_import": rss_import,
+                                                                "after_build": rss_build, "after_forward": max_rss_mib()}}
+    if dev.type == "cuda":
+        out["cuda_peak_allocated_MiB"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    from torch.utils.flop_counter import FlopCounterMode
+    model.strip_elems = 0  # count the network's FLOPs, not the strips' halo recomputation
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    out["flops"] = counter.get_total_flops()
+    out["conv_peak_gflops"], out["conv_peak_op"] = conv_peak(dev, dtype if amp else torch.float32)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on CUDA)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--_one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._one:
+        print(json.dumps(run_one(args._one, args.device, args.repeats, args.amp)))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+    print(f"golden case max abs error vs official: {golden_error():.2e}")
+    results = []
+    for name in args.configs:
+        cmd = [sys.executable, __file__, "--_one", name, "--device", args.device, "--repeats", str(args.repeats)]
+        cmd += ["--amp"] * args.amp + (["--threads", str(args.threads)] if args.threads else [])
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        results.append(r)
+        gflops = r["flops"] / r["median_s"] / 1e9
+        official = json.loads((ROOT / "tests/data" / OFFICIAL[name]).read_text())
+        mem = (f"peak RSS {r['maxrss_MiB']['after_forward']:.0f} MiB (import {r['maxrss_MiB']['after_import']:.0f}, "
+               f"built {r['maxrss_MiB']['after_build']:.0f})")
+        if "cuda_peak_allocated_MiB" in r:
+            mem += f", CUDA peak allocated {r['cuda_peak_allocated_MiB']:.0f} MiB"
+        print(f"{name:9s} {r['median_s']:.3f} s/image (runs {r['times_s']}), {r['flops'] / 1e9:.1f} GFLOPs, "
+              f"{gflops:.1f} GFLOP/s = {100 * gflops / r['conv_peak_gflops']:.0f}% of conv peak "
+              f"{r['conv_peak_gflops']:.1f} GFLOP/s ({r['conv_peak_op']}); {mem}")
+        print(f"{'':9s} official on its reference 2-core machine: {official['median_s']:.2f} s/image, "
+              f"{official['flops_total_FlopCounterMode'] / 1e9:.1f} GFLOPs, peak RSS "
+              f"{official['maxrss_MiB']['after_forward']:.0f} MiB")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
