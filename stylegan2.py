@@ -186,40 +186,51 @@ class ModulatedConv2d(nn.Module):
             factor, p = 2, (len(blur_kernel) - 2) - (kernel_size - 1)
             self.blur = Blur(blur_kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1), upsample_factor=factor)
 
-    def modulated_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """Per-sample weight W'' for styles w [B, style_channels] -> [B, C_out, C_in, k, k]."""
-        s = self.style_modulation(w)                                     # [B, C_in]
-        weight = self.weight * self.scale * s[:, None, :, None, None]    # [B, C_out, C_in, k, k]
-        if self.demodulate:
-            weight = weight * torch.rsqrt(weight.square().sum(dim=(2, 3, 4), keepdim=True) + self.eps)
-        return weight
+    def demodulation(self, s: torch.Tensor) -> torch.Tensor:
+        """d_o = 1 / sqrt(sum_{i,k} (s_i W_oik)^2 + eps) = 1 / sqrt(sum_i s_i^2 ||W_oi||^2 + eps)   [B, C_out]"""
+        w2 = (self.scale * torch.linalg.vector_norm(self.weight[0], dim=(2, 3))).square()   # [O, I], no W^2 copy
+        return torch.rsqrt(s.square() @ w2.T + self.eps)
+
+    def modulation(self, w: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """gain * scale * s_i * d_o for styles w [B, style_channels]: W'' = W * this.   [B, C_out or 1, C_in]"""
+        s = self.style_modulation(w)                                          # [B, I]
+        factor = (self.scale * gain) * s[:, None, :]                          # [B, 1, I]
+        return factor * self.demodulation(s)[:, :, None] if self.demodulate else factor
+
+    def modulated_weight(self, w: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """Per-sample weight gain * W'' for styles w [B, style_channels] -> [B, C_out, C_in, k, k]."""
+        return self.weight * self.modulation(w, gain)[..., None, None]        # one pass over the weight
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, *, gain: float = 1.0, bias=None) -> torch.Tensor:
         """gain * (W'' * x) + bias for x [B, C_in, H, W], styles w [B, S]  ->  [B, C_out, H', W'].
 
         One sample: W'' is an ordinary conv weight (gain folded in). Several samples: the equivalent form
-        (W'' * x)_o = d_o (W * (s x))_o with d_o = 1 / sqrt(sum_{i,k} (s_i W_oik)^2 + eps), so the batch shares one
-        convolution (the official code runs a grouped convolution with one weight per sample instead).
+        (W'' * x)_o = d_o (W * (s x))_o, so the batch shares one convolution (the official code runs a grouped
+        convolution with one weight per sample instead).
         """
         B, C, H, W = x.shape
         assert C == self.in_channels, f"expected {self.in_channels} input channels, got {C}"
         k = self.kernel_size
         if B == 1:
-            weight = (self.modulated_weight(w)[0] * gain).to(x.dtype)               # [O, I, k, k]
+            factor = self.modulation(w, gain)[0, :, :, None, None]                   # [O or 1, I, 1, 1]
+            if torch.is_grad_enabled():
+                weight = (self.weight[0] * factor).to(x.dtype)                       # [O, I, k, k]
+            else:  # written straight into the NHWC layout the convolution wants (saves it a copy)
+                weight = torch.empty_like(self.weight[0], memory_format=torch.channels_last)
+                torch.mul(self.weight[0], factor, out=weight)
+                weight = weight.to(x.dtype)
             if self.upsample:
                 out = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)      # [1, O, 2H+1, 2W+1]
                 return self.blur(out, bias)                                         # [1, O, 2H, 2W]
             return F.conv2d(x, weight, bias, padding=k // 2)                         # [1, O, H, W]
         s = self.style_modulation(w)                                                # [B, I]
-        weight = (self.weight[0] * self.scale).to(x.dtype)                          # [O, I, k, k]
-        x = x * s.to(x.dtype)[:, :, None, None]                                     # modulate the activations
+        x = x * (self.scale * s).to(x.dtype)[:, :, None, None]                      # modulate the activations
+        weight = self.weight[0].to(x.dtype)                                         # [O, I, k, k]
         if self.upsample:
             out = self.blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2))  # [B, O, 2H, 2W]
         else:
             out = F.conv2d(x, weight, padding=k // 2)                                 # [B, O, H, W]
-        d = torch.full_like(s[:, :1], gain)                                          # [B, 1]
-        if self.demodulate:
-            d = gain * torch.rsqrt(s.square() @ weight.square().sum(dim=(2, 3)).T + self.eps)  # [B, O]
+        d = self.demodulation(s) * gain if self.demodulate else torch.full_like(s[:, :1], gain)  # [B, O or 1]
         out = out * d.to(out.dtype)[:, :, None, None]
         return out if bias is None else out + bias.view(1, -1, 1, 1)
 
