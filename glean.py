@@ -160,9 +160,7 @@ class Conv2d(nn.Conv2d):
         return self.in_channels >= 1024 and self.weight.device.type == "cpu"
 
     def forward(self, x):
-        if self.nchw():
-            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
-        return super().forward(x)
+        return super().forward(x.contiguous() if self.nchw() else x)   # output in the same order as the input
 
 
 class PixelShufflePack(nn.Module):
@@ -291,6 +289,7 @@ class GLEAN(nn.Module):
             f = feats[r]
             assert_shape(f, [B, g.shape[1], r, r])
             g = self.fusion_out[k](torch.cat([g, f], dim=1))                  # Eq. (3): [B, ch[r], r, r]
+            g = g.contiguous(memory_format=torch.channels_last)
             if skip is not None:
                 skip = self.fusion_skip[k](torch.cat([skip, f], dim=1))      # [B, 3, r, r]
         g = bank.convs[2 * k](g, C[:, i], noise[0])                          # [B, ch[2r], 2h, 2r]
@@ -327,8 +326,12 @@ class GLEAN(nn.Module):
             uses_g = res <= cfg.decoder_bank_up_to
             if stream and j == n - 2 and cfg.decoder_bank_up_to == cfg.out_size:
                 # The last two levels and the bank's last two blocks in one pass over strips of rows.
-                while g.shape[-1] < o.shape[-1] or g.shape[-1] <= cfg.fuse_encoder_up_to:
-                    g = self.bank_step(g, C, feats, stream)                  # to out_size / 4, and past any fusion
+                # The bank goes to out_size / 4 first; its next block joins the strips unless it fuses an encoder
+                # feature or its output is small (up to two strips' worth): strips recompute their halos.
+                next_out = self.channels[2 * o.shape[-1]] * (2 * o.shape[-1]) ** 2 * B
+                while (g.shape[-1] < o.shape[-1] or g.shape[-1] <= cfg.fuse_encoder_up_to
+                       or (g.shape[-1] == o.shape[-1] and next_out <= 2 * self.strip_elems)):
+                    g = self.bank_step(g, C, feats, stream)
                 width = max(2 * self.channels[cfg.out_size], cfg.decoder_channels)
                 o = run_in_strips(partial(self.top_levels, C=C, feats=feats), [o, g], [1, g.shape[-1] // o.shape[-1]],
                                   halo=2 if g.shape[-1] > o.shape[-1] else 3, out_scale=4, width=width,
@@ -384,8 +387,10 @@ class GLEAN(nn.Module):
         """d_j = D_j(d_{j-1}, g_j), Eq. (4): the previous block's conv output o [B, 4C, h, w] is pixel-shuffled to
         d_{j-1} [B, C, 2h, 2w] and concatenated with the bank feature g_j in one copy (shuffle_cat), then D_j's conv
         runs; its own shuffle is left to the next step. The output block (conv, lrelu, conv) ends the chain."""
-        x = shuffle_cat(o, g)                                                # [B, C + C_g, 2h, 2w]
-        return D_j.upsample_conv(x) if isinstance(D_j, PixelShufflePack) else D_j(x)
+        if isinstance(D_j, PixelShufflePack):
+            conv = D_j.upsample_conv
+            return conv(shuffle_cat(o, g, nchw=conv.nchw()))                 # [B, C + C_g, 2h, 2w] -> conv
+        return D_j(shuffle_cat(o, g))
 
     # -- weights ---------------------------------------------------------------------------------------------
 
@@ -451,14 +456,15 @@ class GLEAN(nn.Module):
         return model.conv_weights_nhwc().eval()
 
 
-def shuffle_cat(o: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
-    """[pixel_shuffle(o, 2), g] along channels, written into one new NHWC buffer.
+def shuffle_cat(o: torch.Tensor, g: torch.Tensor | None = None, nchw: bool = False) -> torch.Tensor:
+    """[pixel_shuffle(o, 2), g] along channels, written into one new buffer (NHWC, or NCHW if asked).
 
     o [B, 4C, H, W] -> [B, C (+ C_g), 2H, 2W], with out[b, c, 2h+i, 2w+j] = o[b, 4c + 2i + j, h, w] (PixelShuffle).
     """
     B, C4, H, W = o.shape
     C, C_g = C4 // 4, (g.shape[1] if g is not None else 0)
-    out = torch.empty(B, C + C_g, 2 * H, 2 * W, dtype=o.dtype, device=o.device, memory_format=torch.channels_last)
+    out = torch.empty(B, C + C_g, 2 * H, 2 * W, dtype=o.dtype, device=o.device,
+                      memory_format=torch.contiguous_format if nchw else torch.channels_last)
     shuffled = o.unflatten(1, (C, 2, 2)).permute(0, 1, 4, 2, 5, 3)          # [B, C, H, i, W, j]
     out[:, :C].unflatten(2, (H, 2)).unflatten(4, (W, 2)).copy_(shuffled)     # [B, C, H, 2, W, 2] view of out
     if g is not None:

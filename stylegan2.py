@@ -213,15 +213,19 @@ class ModulatedConv2d(nn.Module):
         k = self.kernel_size
         if B == 1:
             factor = self.modulation(w, gain)[0, :, :, None, None]                   # [O or 1, I, 1, 1]
+            if self.upsample:  # conv_transpose2d wants [I, O, k, k]; NHWC order spares it a copy
+                if torch.is_grad_enabled():
+                    weight = (self.weight[0] * factor).transpose(0, 1).to(x.dtype)
+                else:
+                    weight = x.new_empty(C, self.out_channels, k, k).contiguous(memory_format=torch.channels_last)
+                    torch.mul(self.weight[0].transpose(0, 1), factor.transpose(0, 1), out=weight)
+                out = F.conv_transpose2d(x, weight, stride=2)                       # [1, O, 2H+1, 2W+1]
+                return self.blur(out, bias)                                         # [1, O, 2H, 2W]
             if torch.is_grad_enabled():
                 weight = (self.weight[0] * factor).to(x.dtype)                       # [O, I, k, k]
-            else:  # written straight into the NHWC layout the convolution wants (saves it a copy)
-                weight = torch.empty_like(self.weight[0], memory_format=torch.channels_last)
+            else:  # written straight into the NHWC order the convolution wants
+                weight = x.new_empty(self.out_channels, C, k, k).contiguous(memory_format=torch.channels_last)
                 torch.mul(self.weight[0], factor, out=weight)
-                weight = weight.to(x.dtype)
-            if self.upsample:
-                out = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)      # [1, O, 2H+1, 2W+1]
-                return self.blur(out, bias)                                         # [1, O, 2H, 2W]
             return F.conv2d(x, weight, bias, padding=k // 2)                         # [1, O, H, W]
         s = self.style_modulation(w)                                                # [B, I]
         x = x * (self.scale * s).to(x.dtype)[:, :, None, None]                      # modulate the activations
