@@ -237,6 +237,8 @@ class GLEAN(nn.Module):
             if isinstance(m, nn.Conv2d):
                 fmt = torch.contiguous_format if isinstance(m, Conv2d) and m.nchw() else torch.channels_last
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        if self.bank is not None:
+            stylegan2.nhwc_weights_(self.bank)
         return self
 
     def train(self, mode: bool = True):

@@ -188,8 +188,18 @@ class ModulatedConv2d(nn.Module):
 
     def demodulation(self, s: torch.Tensor) -> torch.Tensor:
         """d_o = 1 / sqrt(sum_{i,k} (s_i W_oik)^2 + eps) = 1 / sqrt(sum_i s_i^2 ||W_oi||^2 + eps)   [B, C_out]"""
-        w2 = (self.scale * torch.linalg.vector_norm(self.weight[0], dim=(2, 3))).square()   # [O, I], no W^2 copy
-        return torch.rsqrt(s.square() @ w2.T + self.eps)
+        return torch.rsqrt(s.square() @ self.weight_norms().T + self.eps)
+
+    def weight_norms(self) -> torch.Tensor:
+        """scale^2 ||W_oi||^2 over the kernel taps  [C_out, C_in]. At inference it is computed once and reused
+        until the weight changes (any in-place update bumps the tensor's version counter)."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if not torch.is_grad_enabled() and getattr(self, "_norms", (None,))[0] == key:
+            return self._norms[1]
+        w2 = (self.scale * torch.linalg.vector_norm(self.weight[0], dim=(2, 3))).square()   # no W^2 copy
+        if not torch.is_grad_enabled():
+            self._norms = (key, w2)
+        return w2
 
     def modulation(self, w: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         """gain * scale * s_i * d_o for styles w [B, style_channels]: W'' = W * this.   [B, C_out or 1, C_in]"""
@@ -211,21 +221,11 @@ class ModulatedConv2d(nn.Module):
         B, C, H, W = x.shape
         assert C == self.in_channels, f"expected {self.in_channels} input channels, got {C}"
         k = self.kernel_size
-        if B == 1:
-            factor = self.modulation(w, gain)[0, :, :, None, None]                   # [O or 1, I, 1, 1]
-            if self.upsample:  # conv_transpose2d wants [I, O, k, k]; NHWC order spares it a copy
-                if torch.is_grad_enabled():
-                    weight = (self.weight[0] * factor).transpose(0, 1).to(x.dtype)
-                else:
-                    weight = x.new_empty(C, self.out_channels, k, k).contiguous(memory_format=torch.channels_last)
-                    torch.mul(self.weight[0].transpose(0, 1), factor.transpose(0, 1), out=weight)
-                out = F.conv_transpose2d(x, weight, stride=2)                       # [1, O, 2H+1, 2W+1]
+        if B == 1:  # the product keeps the weight's memory order: see nhwc_weights_
+            weight = (self.weight[0] * self.modulation(w, gain)[0, :, :, None, None]).to(x.dtype)  # [O, I, k, k]
+            if self.upsample:
+                out = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)      # [1, O, 2H+1, 2W+1]
                 return self.blur(out, bias)                                         # [1, O, 2H, 2W]
-            if torch.is_grad_enabled():
-                weight = (self.weight[0] * factor).to(x.dtype)                       # [O, I, k, k]
-            else:  # written straight into the NHWC order the convolution wants
-                weight = x.new_empty(self.out_channels, C, k, k).contiguous(memory_format=torch.channels_last)
-                torch.mul(self.weight[0], factor, out=weight)
             return F.conv2d(x, weight, bias, padding=k // 2)                         # [1, O, H, W]
         s = self.style_modulation(w)                                                # [B, I]
         x = x * (self.scale * s).to(x.dtype)[:, :, None, None]                      # modulate the activations
@@ -548,6 +548,20 @@ class Discriminator(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 # Official weight names
+
+
+def nhwc_weights_(module: nn.Module) -> nn.Module:
+    """Lay out every ModulatedConv2d weight in NHWC order (as [C_out, C_in, k, k] channels-last, or for upsampling
+    layers so that the transposed [C_in, C_out, k, k] view is). The modulated weight W * s d then comes out in the
+    order the CPU convolution wants, and needs no copy per call. Values and shapes are unchanged."""
+    cl = torch.channels_last
+    for m in module.modules():
+        if isinstance(m, ModulatedConv2d):
+            w = m.weight.data[0]
+            w = w.transpose(0, 1).contiguous(memory_format=cl).transpose(0, 1) if m.upsample else \
+                w.contiguous(memory_format=cl)
+            m.weight.data = w.unsqueeze(0)
+    return module
 
 
 def official_names(module: nn.Module) -> dict:

@@ -40,10 +40,14 @@ def test_released_layout_loads_strictly(name):
             e["numel"] for e in m["state_dict"] if "fusion_skip" in e["key"])
     nhwc = {f"{n}.weight" for n, m in model.named_modules()
             if isinstance(m, torch.nn.Conv2d) and not (isinstance(m, glean.Conv2d) and m.nchw())}
+    modulated = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, stylegan2.ModulatedConv2d)}
     for ours_key, theirs in model.official_names().items():
-        if ours_key in nhwc:  # re-laid out once to NHWC, like the activations
+        if ours_key in nhwc:         # re-laid out once to NHWC, like the activations
             assert ours[ours_key].is_contiguous(memory_format=torch.channels_last)
-        else:                 # everything else is taken without a copy
+        elif ours_key in modulated:  # NHWC as the convolution (or the transposed one) takes it
+            w = ours[ours_key][0].transpose(0, 1) if modulated[ours_key].upsample else ours[ours_key][0]
+            assert w.is_contiguous(memory_format=torch.channels_last)
+        else:                        # everything else is taken without a copy
             assert ours[ours_key].data_ptr() == sd[theirs].data_ptr()
 
 
