@@ -20,6 +20,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, fields
 from functools import partial
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -27,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import stylegan2
-from glean_io import CheckpointError, load_file, load_state_strict, save_file, state_dict_of
+from glean_io import CheckpointError, download, load_file, load_state_strict, save_file, state_dict_of
 from stylegan2 import assert_shape
 
 
@@ -97,6 +98,89 @@ class GLEANConfig:
         if unknown:
             raise ValueError(f"unknown GLEANConfig fields: {unknown}")
         return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pretrained weights, declared once (used by hubconf.py, infer.py, demo.py and train.py)
+
+
+@dataclass(frozen=True)
+class Weights:
+    url: str              # download address (http(s), file://) or a path relative to this file
+    sha256: str           # prefix of the file's sha256, checked after download
+    kind: str             # "glean-official" (release layout), "glean" (this project's), "stylegan2-official"
+    config: dict          # GLEANConfig or stylegan2.GeneratorConfig kwargs
+    category: str         # what the model was trained on
+    license: str          # licence of the weights and of their training data
+    pixel_range: str = "RGB in [-1, 1] (x / 127.5 - 1)"
+    note: str = ""
+
+
+_MMEDIT = "https://download.openmmlab.com/mmediting"
+_APACHE = "weights: Apache-2.0 (OpenMMLab release)"
+WEIGHTS = {
+    "glean_face_16x": Weights(
+        f"{_MMEDIT}/restorers/glean/glean_ffhq_16x_20210527-61a3afad.pth", "61a3afad", "glean-official",
+        dict(in_size=64, out_size=1024), "faces (FFHQ)", f"{_APACHE}; data: FFHQ, CC BY-NC-SA 4.0",
+        note="official GLEAN, 16x (64 -> 1024), bicubic (MATLAB) degradation"),
+    "glean_face_in128_8x": Weights(
+        f"{_MMEDIT}/restorers/glean/glean_in128out1024_4x2_300k_ffhq_celebahq_20210812-acbcb04f.pth", "acbcb04f",
+        "glean-official", dict(in_size=128, out_size=1024), "faces (FFHQ + CelebA-HQ)",
+        f"{_APACHE}; data: FFHQ (CC BY-NC-SA 4.0), CelebA-HQ (non-commercial research)",
+        note="official GLEAN, 8x (128 -> 1024), trained with real-world degradations (blur, noise, JPEG)"),
+    "glean_cat_8x": Weights(
+        f"{_MMEDIT}/restorers/glean/glean_cat_8x_20210614-d3ac8683.pth", "d3ac8683", "glean-official",
+        dict(in_size=32, out_size=256), "cats (LSUN cat)", f"{_APACHE}; data: LSUN, research use",
+        note="official GLEAN, 8x (32 -> 256)"),
+    "glean_cat_16x": Weights(
+        f"{_MMEDIT}/restorers/glean/glean_cat_16x_20210527-68912543.pth", "68912543", "glean-official",
+        dict(in_size=16, out_size=256), "cats (LSUN cat)", f"{_APACHE}; data: LSUN, research use",
+        note="official GLEAN, 16x (16 -> 256)"),
+    "stylegan2_ffhq_1024": Weights(
+        f"{_MMEDIT}/stylegan2/official_weights/stylegan2-ffhq-config-f-official_20210327_171224-bce9310c.pth",
+        "bce9310c", "stylegan2-official", dict(out_size=1024), "faces (FFHQ)",
+        "NVIDIA Source Code License-NC (non-commercial); data: FFHQ, CC BY-NC-SA 4.0",
+        note="official StyleGAN2 config-f converted by OpenMMLab: the latent bank of the face models"),
+    "stylegan2_cat_256": Weights(
+        f"{_MMEDIT}/stylegan2/official_weights/stylegan2-cat-config-f-official_20210327_172444-15bc485b.pth",
+        "15bc485b", "stylegan2-official", dict(out_size=256), "cats (LSUN cat)",
+        "NVIDIA Source Code License-NC (non-commercial); data: LSUN, research use",
+        note="official StyleGAN2 config-f converted by OpenMMLab: the latent bank of the cat models"),
+}
+
+
+def weights_file(name_or_path, progress: bool = True) -> Path:
+    """A registered weights name -> its local file (downloaded once into the torch.hub cache, hash-checked, or
+    shipped next to this file); any other string is taken as a path and must exist."""
+    if name_or_path in WEIGHTS:
+        w = WEIGHTS[name_or_path]
+        if "://" not in w.url:
+            return Path(__file__).resolve().parent / w.url
+        return download(w.url, w.sha256, progress=progress)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise CheckpointError(f"'{name_or_path}' is neither a registered model ({', '.join(WEIGHTS)}) "
+                              f"nor an existing file")
+    return path
+
+
+def load_pretrained(name_or_path, *, progress: bool = True) -> "GLEAN":
+    """A GLEAN model from a registered name (see WEIGHTS) or a checkpoint file (this project's format, or an
+    official release file when its name ends in .pth and it has `generator.` keys), in eval mode on the CPU."""
+    if name_or_path in WEIGHTS:
+        w = WEIGHTS[name_or_path]
+        if not w.kind.startswith("glean"):
+            raise ValueError(f"'{name_or_path}' is a {w.kind} latent bank, not a GLEAN model")
+        path = weights_file(name_or_path, progress)
+        return GLEAN.from_official(path, GLEANConfig(**w.config)) if w.kind == "glean-official" else GLEAN.load(path)
+    ckpt = load_file(weights_file(name_or_path))
+    meta = ckpt.get("metadata", ckpt)
+    if meta.get("format") == "glean":
+        return GLEAN.load(ckpt)
+    if meta.get("format") == "glean-train":                   # a training checkpoint of train.py
+        return GLEAN.load({"format": "glean", "config": ckpt["model_config"], "state_dict": ckpt["model"]})
+    raise CheckpointError(f"{name_or_path}: not a GLEAN checkpoint of this project; for an official release file "
+                          f"use GLEAN.from_official(path, GLEANConfig(in_size=..., out_size=...))")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -426,11 +510,13 @@ class GLEAN(nn.Module):
         load_state_strict(model, sd, model.official_names(), source)
         return model.conv_weights_nhwc().eval()
 
-    def load_bank(self, checkpoint, prefix: str = "generator_ema.") -> "GLEAN":
-        """Load official StyleGAN2 weights (`generator_ema.*` keys, with or without a `state_dict` wrapper)."""
+    def load_bank(self, checkpoint) -> "GLEAN":
+        """Load pretrained StyleGAN2 weights into the latent bank: official files (`generator_ema.*` keys, with or
+        without a `state_dict` wrapper), this project's bank files, rosinality's .pt or NVIDIA's .pkl."""
         if self.bank is None:
             raise ValueError("this configuration has no latent bank (decoder_bank_up_to=0 with a decoder)")
-        stylegan2.load_official(self.bank, checkpoint, prefix)
+        stylegan2.load_generator_weights(self.bank, checkpoint)
+        self.conv_weights_nhwc()
         return self
 
     def save(self, path) -> None:

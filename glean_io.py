@@ -68,6 +68,12 @@ _ALLOWED = {
                             "uint8", "bool")}
 
 
+def _storage_from_bytes(data: bytes):
+    """Stand-in for torch.storage._load_from_bytes, which plain pickles of tensors (e.g. NVIDIA's .pkl files) use:
+    the same bytes, read with weights_only=True instead of an unrestricted torch.load."""
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals in `_ALLOWED`; every other global becomes an inert Placeholder class,
     so a REDUCE on it builds a Placeholder instead of calling the named function (e.g. os.system)."""
@@ -75,6 +81,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     refused: list
 
     def find_class(self, module, name):
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _storage_from_bytes
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         self.refused = getattr(self, "refused", []) + [f"{module}.{name}"]
@@ -101,6 +109,19 @@ def torch_load(path, map_location="cpu"):
                                   f"re-download or re-export it") from e
     return torch.load(path, map_location=map_location, weights_only=False, pickle_module=restricted_pickle,
                       mmap=mmap)
+
+
+def load_pickle(path):
+    """A plain pickle file (e.g. NVIDIA stylegan2-ada's network .pkl) through RestrictedUnpickler only: tensors and
+    containers are rebuilt, every other object (classes, their embedded source code) becomes a Placeholder."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return RestrictedUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable pickle ({str(e).splitlines()[0]})") from e
 
 
 def load_file(path) -> dict:

@@ -17,14 +17,17 @@ Every op is plain tensor code (no compiled extensions) so the whole network runs
 Parameter names mirror the official (mmagic/mmediting) layout so that released weights load with one
 renaming rule (`weight_orig` -> `weight`, see `official_key_to_ours`).
 """
+import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glean_io import CheckpointError, load_file, load_state_strict, state_dict_of
+from glean_io import CheckpointError, Placeholder, load_file, load_pickle, load_state_strict, save_file, state_dict_of
 
 SQRT2 = math.sqrt(2.0)
 
@@ -597,3 +600,165 @@ def load_official(module: nn.Module, checkpoint, prefix: str) -> nn.Module:
     names = {k: prefix + v for k, v in official_names(module).items()}
     load_state_strict(module, sd, names, source)
     return module
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Latent banks from other StyleGAN2 code bases, renamed to ours here and nowhere else
+
+
+_ROSINALITY = [(r"^style\.", "style_mapping."), (r"^input\.input$", "constant_input.input"),
+               (r"\.modulation\.", ".style_modulation."), (r"\.noise\.weight$", ".noise_injector.weight"),
+               (r"^noises\.noise_", "injected_noise_")]
+
+
+def _from_rosinality(sd: dict) -> dict:
+    """rosinality/stylegan2-pytorch `g_ema` keys -> ours (same layers, shapes and weight scaling)."""
+    out = {}
+    for k, v in sd.items():
+        for pattern, repl in _ROSINALITY:
+            k = re.sub(pattern, repl, k)
+        out[k] = v
+    return out
+
+
+def _flatten_placeholders(obj, prefix="") -> dict:
+    """Tensors of a module tree that a restricted unpickler rebuilt as Placeholders (NVIDIA's persistent classes
+    pickle their state as {'_parameters', '_buffers', '_modules'} inside a `meta` dict), as a flat state dict."""
+    if isinstance(obj, Placeholder):
+        state = obj.state if isinstance(obj.state, dict) else {}
+        if obj.args and isinstance(obj.args[0], dict) and isinstance(obj.args[0].get("state"), dict):
+            state = obj.args[0]["state"]                                  # persistence._reconstruct_persistent_obj
+        out = {}
+        for group in ("_parameters", "_buffers"):
+            for name, t in (state.get(group) or {}).items():
+                if torch.is_tensor(t):
+                    out[prefix + name] = t
+        for name, child in (state.get("_modules") or {}).items():
+            out.update(_flatten_placeholders(child, f"{prefix}{name}."))
+        return out
+    return {}
+
+
+def _from_ada(sd: dict) -> dict:
+    """NVIDIA stylegan2-ada-pytorch G / G_ema tensors -> ours. Weights lose the leading batch axis convention
+    ([O, I, k, k] there), noise is per-layer `noise_const` + scalar `noise_strength`; the FIR filters are checked to
+    be the [1, 3, 3, 1] ones our layers use. Not modelled: conv_clamp (None in the converted official models)."""
+    out, ref = {}, make_kernel([1, 3, 3, 1])
+    for k, v in sd.items():
+        if k.endswith("resample_filter"):
+            if v.shape != ref.shape or not torch.allclose(v.float(), ref, atol=1e-6):
+                raise CheckpointError(f"unsupported resample filter in '{k}' (expected [1, 3, 3, 1])")
+            continue
+        m = re.fullmatch(r"mapping\.fc(\d+)\.(weight|bias)", k)
+        if m:
+            out[f"style_mapping.{int(m[1]) + 1}.{m[2]}"] = v
+            continue
+        if k == "mapping.w_avg":
+            continue                                                      # truncation centre; see mean_latent
+        m = re.fullmatch(r"synthesis\.b(\d+)\.(const|conv0|conv1|torgb)\.?(.*)", k)
+        if not m:
+            raise CheckpointError(f"unexpected key '{k}' in a stylegan2-ada generator")
+        res, layer, rest = int(m[1]), m[2], m[3]
+        if layer == "const":
+            out["constant_input.input"] = v[None]
+            continue
+        k_blk = int(math.log2(res)) - 3                                   # -1 for the 4x4 block
+        if layer == "torgb":
+            name = "to_rgb1" if res == 4 else f"to_rgbs.{k_blk}"
+        else:
+            name = "conv1" if res == 4 else f"convs.{2 * k_blk + (layer == 'conv1')}"
+        noise = 0 if res == 4 else 2 * k_blk + 1 + (layer == "conv1")
+        target = {"weight": (f"{name}.conv.weight", v[None]),
+                  "bias": (f"{name}.bias", v.view(1, -1, 1, 1)) if layer == "torgb" else (f"{name}.activate.bias", v),
+                  "affine.weight": (f"{name}.conv.style_modulation.weight", v),
+                  "affine.bias": (f"{name}.conv.style_modulation.bias", v),
+                  "noise_strength": (f"{name}.noise_injector.weight", v.reshape(1)),
+                  "noise_const": (f"injected_noise_{noise}", v[None, None])}.get(rest)
+        if target is None:
+            raise CheckpointError(f"unexpected key '{k}' in a stylegan2-ada generator")
+        out[target[0]] = target[1]
+    return out
+
+
+def generator_state(ckpt, source: str = "checkpoint") -> tuple:
+    """A StyleGAN2 generator's weights from any supported file, renamed to ours: (state dict, config or None).
+
+    Recognised: this project's bank files ({'format': 'stylegan2', 'config', 'state_dict'}) and bank-training
+    checkpoints ('g_ema'), official mmagic/mmediting files (`generator_ema.*`), rosinality's .pt (`g_ema`), and
+    NVIDIA stylegan2-ada .pkl (`G_ema`, read by glean_io's restricted unpickler).
+    """
+    if isinstance(ckpt, (str, Path)):
+        source = str(ckpt)
+        ckpt = load_pickle(ckpt) if str(ckpt).endswith(".pkl") else load_file(ckpt)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{source}: not a StyleGAN2 checkpoint")
+    meta = ckpt.get("metadata", ckpt)
+    if meta.get("format") == "stylegan2":                                 # ours (.pt or .safetensors)
+        config = meta["config"]
+        config = GeneratorConfig(**(json.loads(config) if isinstance(config, str) else config))
+        return state_dict_of(ckpt), config
+    if ckpt.get("format") == "glean-train" and "g_ema" in ckpt:           # our bank-training checkpoint
+        return ckpt["g_ema"], GeneratorConfig(**ckpt["generator_config"])
+    if "G_ema" in ckpt:                                                   # NVIDIA stylegan2-ada pickle
+        return _from_ada(_flatten_placeholders(ckpt["G_ema"])), None
+    if "g_ema" in ckpt and isinstance(ckpt["g_ema"], dict):              # rosinality
+        return _from_rosinality(ckpt["g_ema"]), None
+    sd = state_dict_of(ckpt)
+    prefix = "generator_ema."
+    if any(k.startswith(prefix) for k in sd):                             # official mmagic / mmediting
+        with torch.device("meta"):
+            probe = Generator(infer_generator_config({k[len(prefix):]: v for k, v in sd.items()
+                                                      if k.startswith(prefix)}, official=True))
+        back = {v: k for k, v in official_names(probe).items()}
+        return {back.get(k[len(prefix):], k[len(prefix):]): v for k, v in sd.items() if k.startswith(prefix)}, None
+    raise CheckpointError(f"{source}: no StyleGAN2 generator found (expected this project's bank file, "
+                          f"'generator_ema.*' keys, rosinality's 'g_ema' or a stylegan2-ada .pkl with 'G_ema')")
+
+
+def infer_generator_config(sd: dict, official: bool = False) -> GeneratorConfig:
+    """The GeneratorConfig a state dict (our names, or official names with official=True) was made with."""
+    lin = ".linear.weight_orig" if official else ".weight"
+    mlps = sorted(int(m[1]) for k in sd if (m := re.fullmatch(r"style_mapping\.(\d+)" + re.escape(lin), k)))
+    convs = [k for k in sd if re.fullmatch(r"convs\.\d+\.conv\.weight(_orig)?", k)]
+    if not mlps or "constant_input.input" not in sd or not convs:
+        raise CheckpointError("not a StyleGAN2 generator state dict (no mapping network, constant input or convs)")
+    out_size = 2 ** (len(convs) // 2 + 2)
+    style = sd[f"style_mapping.{mlps[0]}{lin}"].shape[1]
+    base = sd["constant_input.input"].shape[1]
+    cm = 2
+    if out_size >= 64:  # ch[64] = 256 * cm * base / 512
+        c64 = sd[f"convs.{2 * 3}.conv.weight" + ("_orig" if official else "")].shape[1]
+        cm = max(1, round(c64 * 512 / (256 * base)))
+    lr = 0.01
+    return GeneratorConfig(out_size=out_size, style_channels=style, num_mlps=len(mlps), channel_multiplier=cm,
+                           channel_base=base, lr_mlp=lr)
+
+
+def load_generator_weights(G: Generator, ckpt) -> Generator:
+    """Load weights from any file `generator_state` reads into G, strictly (every key and shape must match).
+    Buffers the source format has no counterpart for (the FIR kernels of NVIDIA's files) keep their values."""
+    source = str(ckpt) if not isinstance(ckpt, dict) else "checkpoint"
+    sd = dict(generator_state(ckpt, source)[0])
+    for k, v in G.state_dict().items():
+        if k.endswith(".kernel") and k not in sd:
+            sd[k] = v
+    load_state_strict(G, sd, {k: k for k in G.state_dict()}, source)
+    return G
+
+
+def load_generator(ckpt, config: GeneratorConfig | None = None) -> Generator:
+    """A Generator built from the file's own config (or inferred from its shapes) with its weights, in eval mode."""
+    source = str(ckpt) if not isinstance(ckpt, dict) else "checkpoint"
+    if isinstance(ckpt, (str, Path)):
+        ckpt = load_pickle(ckpt) if str(ckpt).endswith(".pkl") else load_file(ckpt)
+    sd, found = generator_state(ckpt, source)
+    G = Generator(config or found or infer_generator_config(sd))
+    return load_generator_weights(G, ckpt).eval()
+
+
+def save_generator(G: Generator, path) -> None:
+    """This project's bank file: the generator's tensors + its config as plain data (.safetensors or .pt)."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in G.state_dict().items()}
+    meta = {"format": "stylegan2", "config": asdict(G.cfg)}
+    save_file({**meta, "state_dict": sd, "metadata": meta} if str(path).endswith(".safetensors") else
+              {**meta, "state_dict": sd}, path)

@@ -100,7 +100,7 @@ def test_bank_loading_into_glean(tmp_path):
     model.load_bank(path)
     for k, v in G.state_dict().items():
         assert torch.equal(model.bank.state_dict()[k], v)
-    with pytest.raises(CheckpointError, match="no 'generator_ema.' keys"):
+    with pytest.raises(CheckpointError, match="no StyleGAN2 generator found"):
         model.load_bank({"state_dict": {"generator.x": torch.zeros(1)}})
 
 
