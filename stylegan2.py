@@ -668,15 +668,16 @@ def _from_ada(sd: dict) -> dict:
         else:
             name = "conv1" if res == 4 else f"convs.{2 * k_blk + (layer == 'conv1')}"
         noise = 0 if res == 4 else 2 * k_blk + 1 + (layer == "conv1")
-        target = {"weight": (f"{name}.conv.weight", v[None]),
-                  "bias": (f"{name}.bias", v.view(1, -1, 1, 1)) if layer == "torgb" else (f"{name}.activate.bias", v),
-                  "affine.weight": (f"{name}.conv.style_modulation.weight", v),
-                  "affine.bias": (f"{name}.conv.style_modulation.bias", v),
-                  "noise_strength": (f"{name}.noise_injector.weight", v.reshape(1)),
-                  "noise_const": (f"injected_noise_{noise}", v[None, None])}.get(rest)
+        target = {"weight": (f"{name}.conv.weight", lambda t: t[None]),
+                  "bias": (f"{name}.bias", lambda t: t.view(1, -1, 1, 1)) if layer == "torgb" else
+                          (f"{name}.activate.bias", lambda t: t),
+                  "affine.weight": (f"{name}.conv.style_modulation.weight", lambda t: t),
+                  "affine.bias": (f"{name}.conv.style_modulation.bias", lambda t: t),
+                  "noise_strength": (f"{name}.noise_injector.weight", lambda t: t.reshape(1)),
+                  "noise_const": (f"injected_noise_{noise}", lambda t: t[None, None])}.get(rest)
         if target is None:
             raise CheckpointError(f"unexpected key '{k}' in a stylegan2-ada generator")
-        out[target[0]] = target[1]
+        out[target[0]] = target[1](v)
     return out
 
 
