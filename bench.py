@@ -1,8 +1,9 @@
 """Inference benchmark: seconds per image, FLOPs, achieved GFLOP/s against a conv peak measured in the same run,
-and peak memory, for the official configurations with random weights.
+and peak memory, for the official configurations with random weights. With --train: training iterations per second.
 
     python bench.py                       # CPU: cat 8x (32->256) and ffhq 16x (64->1024)
     python bench.py --device cuda --amp   # also on a GPU, in fp16/bf16 autocast
+    python bench.py --train               # train.py's loop: the small built-in face config and official cat 8x
 
 Each configuration runs in a fresh subprocess, so peak RSS is that of one model and one image. Before timing, the
 golden case (tests/data) is checked against the official output. FLOPs are counted by torch's FlopCounterMode
@@ -10,6 +11,7 @@ golden case (tests/data) is checked against the official output. FLOPs are count
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -111,6 +113,50 @@ def run_one(name: str, device: str, repeats: int, amp: bool) -> dict:
     return out
 
 
+TRAIN_CONFIGS = {  # name: (GLEANConfig kwargs, batch, steps)
+    "small_8x": (dict(in_size=8, out_size=64, style_channels=96, channel_multiplier=1, channel_base=96,
+                      rrdb_channels=32, num_rrdbs=3, rrdb_growth_channels=16), 16, 12),
+    "cat_8x": (dict(in_size=32, out_size=256), 2, 4),
+}
+
+
+def bench_train(names, device: str, threads) -> None:
+    """Time train.py's real loop (data, G and D steps, Eq. 5-9 with a VGG16 perceptual term) on synthetic images
+    with random bank and VGG weights; the first two steps are warm-up."""
+    import tempfile
+    import numpy as np
+    from PIL import Image
+    import glean
+    import stylegan2
+    import torchvision
+    for name in names:
+        kwargs, batch, steps = TRAIN_CONFIGS[name]
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            (tmp / "data").mkdir()
+            rng = np.random.default_rng(0)
+            for i in range(max(8, batch)):
+                Image.fromarray(rng.integers(0, 255, (kwargs["out_size"],) * 2 + (3,), dtype=np.uint8)).save(
+                    tmp / "data" / f"{i}.png")
+            cfg = glean.GLEANConfig(**kwargs)
+            stylegan2.save_generator(stylegan2.Generator(cfg.bank_config()), tmp / "bank.pt")
+            torch.save({f"features.{k}": v for k, v in torchvision.models.vgg16().features[:22].state_dict().items()},
+                       tmp / "vgg.pt")
+            model = {k: v for k, v in kwargs.items() if k not in ("in_size", "out_size")}
+            cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(tmp / "data"), "--out-size",
+                   str(cfg.out_size), "--scale", str(cfg.scale), "--model", json.dumps(model), "--bank",
+                   str(tmp / "bank.pt"), "--vgg-weights", str(tmp / "vgg.pt"), "--batch", str(batch), "--iters",
+                   str(steps), "--log-every", "1", "--workers", "1", "--out", str(tmp / "run"), "--no-tensorboard",
+                   "--ckpt-every", "100000"] + (["--device", device] if device else [])
+            env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+            subprocess.run(cmd, check=True, capture_output=True, env=env)
+            rows = [json.loads(line) for line in (tmp / "run/metrics.jsonl").read_text().splitlines()]
+            t = [r["time"] for r in rows if "loss/g" in r]
+            per_step = (t[-1] - t[1]) / (len(t) - 2)
+            print(f"train {name:9s} {kwargs['in_size']}->{kwargs['out_size']}, batch {batch}: "
+                  f"{1 / per_step:.3f} it/s ({per_step:.2f} s/it, {batch / per_step:.1f} images/s) on {device or 'cpu'}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -119,8 +165,12 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on CUDA)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--train", action="store_true", help="benchmark train.py's loop instead of inference")
     ap.add_argument("--_one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.train:
+        bench_train(list(TRAIN_CONFIGS), "" if args.device == "cpu" else args.device, args.threads)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._one:

@@ -450,7 +450,7 @@ class Logger:
     """metrics.jsonl, TensorBoard scalars and images, and a tqdm progress bar (main process only)."""
 
     def __init__(self, run: Path, cfg: TrainConfig, env: Env, start: int):
-        self.env, self.file, self.tb, self.bar = env, None, None, None
+        self.env, self.file, self.tb, self.bar, self.t0 = env, None, None, None, time.perf_counter()
         if not env.main:
             return
         run.mkdir(parents=True, exist_ok=True)
@@ -468,11 +468,12 @@ class Logger:
     def scalars(self, step: int, values: dict, show: bool = True):
         if not self.env.main:
             return
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.write(json.dumps({"step": step, **values, "time": round(time.perf_counter() - self.t0, 3)}) + "\n")
         self.file.flush()
         if self.tb:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
+            self.tb.add_scalar("time/seconds", time.perf_counter() - self.t0, step)
         if show and self.bar is not None:
             self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in values.items() if k.startswith("loss")})
 
