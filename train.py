@@ -34,6 +34,7 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 import glean
 import stylegan2
+from evaluate import LPIPS, psnr
 from glean_io import CheckpointError, load_file, save_file
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
@@ -546,13 +547,6 @@ def same_everywhere(env: Env, *modules: nn.Module) -> None:
         print(f"weights identical on all {env.world} processes (sha256 {digests[0][:16]})")
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of images in [-1, 1], measured on 8-bit RGB values (per image)."""
-    to8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round()  # noqa: E731
-    mse = (to8(a) - to8(b)).square().flatten(1).mean(1)
-    return 10 * torch.log10(255.0 ** 2 / mse)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # GLEAN (Appendix A)
 
@@ -618,6 +612,13 @@ def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
     batches = loader(data, cfg, env, start * cfg.accum)
     val = SRDataset(cfg.val_data, mcfg.out_size, mcfg.in_size, flip=False, limit=cfg.val_count) \
         if cfg.val_data and env.main else None
+    lpips = None
+    if val is not None:
+        lpips, why = LPIPS.load()
+        if lpips is None:
+            print(f"validation: PSNR only; {why}", file=sys.stderr)
+        else:
+            lpips = lpips.to(env.device)
     log, stop = Logger(run, cfg, env, start), Stopper()
 
     def save(step):
@@ -677,7 +678,7 @@ def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
             if step % cfg.log_every == 0 or step == cfg.iters:
                 log.scalars(step, {**totals, "lr": sched_g.get_last_lr()[0]})
             if val is not None and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iters):
-                validate(G, val, env, log, step)
+                validate(G, val, env, log, step, lpips)
             stopping = not env.all_true(not stop.requested)
             if step % cfg.ckpt_every == 0 or step == cfg.iters or stopping:
                 save(step)
@@ -694,21 +695,23 @@ def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
 
 
 @torch.no_grad()
-def validate(G: glean.GLEAN, val: SRDataset, env: Env, log: Logger, step: int) -> float:
-    """PSNR on the held-out images, and a grid: LR upscaled by (MATLAB) bicubic | GLEAN | ground truth."""
+def validate(G: glean.GLEAN, val: SRDataset, env: Env, log: Logger, step: int, lpips=None) -> float:
+    """PSNR (and LPIPS) on the held-out images, and a grid: LR upscaled by (MATLAB) bicubic | GLEAN | ground truth."""
     G.eval()
-    scores, rows = [], []
+    scores, dists, rows = [], [], []
     for i in range(len(val)):
         item = val[i]
         x, y = item["lr"][None].to(env.device), item["hr"][None].to(env.device)
         y_hat = G(x)
         scores.append(float(psnr(y_hat, y)))
+        if lpips is not None:
+            dists.append(float(lpips(y_hat.clamp(-1, 1), y)))
         if len(rows) < 4:
             bicubic = glean.imresize(x, size=y.shape[-1]).clamp(-1, 1)
             rows.append(torch.cat([bicubic, y_hat.clamp(-1, 1), y], dim=-1)[0])
     G.train()
     score = sum(scores) / len(scores)
-    log.scalars(step, {"val/psnr": score}, show=False)
+    log.scalars(step, {"val/psnr": score, **({"val/lpips": sum(dists) / len(dists)} if dists else {})}, show=False)
     log.images(step, "val/bicubic_glean_gt", torch.cat(rows, dim=-2))
     return score
 

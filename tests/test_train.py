@@ -374,3 +374,19 @@ def test_stylegan2_ada_pickle_never_runs_its_code(tmp_path):
     with fake_persistence():            # plain pickle with NVIDIA's code importable would run the payload
         pickle.loads(path.read_bytes())
     assert marker.exists()
+
+
+def test_lpips_from_local_files(tmp_path):
+    """LPIPS runs from local weight files only; here random AlexNet and heads (the real ones are a download)."""
+    import torchvision
+    from evaluate import LPIPS
+    alex = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), alex)
+    heads = tmp_path / "alex.pth"
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate([64, 192, 384, 256, 256])}, heads)
+    metric, why = LPIPS.load(str(alex), str(heads))
+    assert metric is not None, why
+    x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    d = metric(x, y)
+    assert d.shape == (2,) and (d > 0).all() and torch.equal(metric(x, x), torch.zeros(2))
+    assert LPIPS.load(str(tmp_path / "missing.pth"), str(heads))[0] is None
