@@ -98,9 +98,9 @@ def run_one(name: str, device: str, repeats: int, amp: bool) -> dict:
             sync(dev)
             times.append(time.perf_counter() - t)
     assert y.shape == (1, 3, cfg.out_size, cfg.out_size) and torch.isfinite(y).all()
+    rss = {"after_import": rss_import, "after_build": rss_build, "after_forward": max_rss_mib()}
     out = {"config": name, "device": device, "amp": amp, "times_s": [round(t, 3) for t in times],
-           "median_s": statistics.median(times), "maxrss_MiB": {"after_import": rss_import,
-                                                                "after_build": rss_build, "after_forward": max_rss_mib()}}
+           "median_s": statistics.median(times), "maxrss_MiB": rss}
     if dev.type == "cuda":
         out["cuda_peak_allocated_MiB"] = torch.cuda.max_memory_allocated() / 2 ** 20
     from torch.utils.flop_counter import FlopCounterMode
@@ -154,7 +154,8 @@ def bench_train(names, device: str, threads) -> None:
             t = [r["time"] for r in rows if "loss/g" in r]
             per_step = (t[-1] - t[1]) / (len(t) - 2)
             print(f"train {name:9s} {kwargs['in_size']}->{kwargs['out_size']}, batch {batch}: "
-                  f"{1 / per_step:.3f} it/s ({per_step:.2f} s/it, {batch / per_step:.1f} images/s) on {device or 'cpu'}")
+                  f"{1 / per_step:.3f} it/s ({per_step:.2f} s/it, {batch / per_step:.1f} images/s) "
+                  f"on {device or 'cpu'}")
 
 
 def main():

@@ -149,6 +149,9 @@ WEIGHTS = {
 }
 
 
+DEFAULT_MODEL = "glean_face_16x"   # what infer.py, demo.py and torch.hub users get without naming a model
+
+
 def weights_file(name_or_path, progress: bool = True) -> Path:
     """A registered weights name -> its local file (downloaded once into the torch.hub cache, hash-checked, or
     shipped next to this file); any other string is taken as a path and must exist."""
@@ -181,6 +184,57 @@ def load_pretrained(name_or_path, *, progress: bool = True) -> "GLEAN":
         return GLEAN.load({"format": "glean", "config": ckpt["model_config"], "state_dict": ckpt["model"]})
     raise CheckpointError(f"{name_or_path}: not a GLEAN checkpoint of this project; for an official release file "
                           f"use GLEAN.from_official(path, GLEANConfig(in_size=..., out_size=...))")
+
+
+def _entry(name: str, pretrained: bool, progress: bool):
+    w = WEIGHTS[name]
+    if w.kind == "stylegan2-official":
+        if pretrained:
+            return stylegan2.load_generator(weights_file(name, progress))
+        return stylegan2.Generator(stylegan2.GeneratorConfig(**w.config)).eval()
+    return load_pretrained(name, progress=progress) if pretrained else GLEAN(GLEANConfig(**w.config)).eval()
+
+
+def _describe(fn):
+    """Write a builder's docstring (shown by torch.hub.help) from its WEIGHTS entry, the one declaration."""
+    w = WEIGHTS[fn.__name__]
+    c = w.config
+    sizes = (f"{c['in_size']}x{c['in_size']} -> {c['out_size']}x{c['out_size']} ({c['out_size'] // c['in_size']}x)"
+             if "in_size" in c else f"{c['out_size']}x{c['out_size']} images")
+    fn.__doc__ = (f"{w.note or fn.__name__}.\n\n    {sizes}; {w.category}; input and output {w.pixel_range}.\n"
+                  f"    Weights: {w.url} (sha256 {w.sha256}...).\n    Licence: {w.license}.\n\n"
+                  f"    pretrained=False gives the same network with random weights; progress shows the download.")
+    return fn
+
+
+@_describe
+def glean_face_16x(*, pretrained: bool = True, progress: bool = True) -> "GLEAN":
+    return _entry("glean_face_16x", pretrained, progress)
+
+
+@_describe
+def glean_face_in128_8x(*, pretrained: bool = True, progress: bool = True) -> "GLEAN":
+    return _entry("glean_face_in128_8x", pretrained, progress)
+
+
+@_describe
+def glean_cat_8x(*, pretrained: bool = True, progress: bool = True) -> "GLEAN":
+    return _entry("glean_cat_8x", pretrained, progress)
+
+
+@_describe
+def glean_cat_16x(*, pretrained: bool = True, progress: bool = True) -> "GLEAN":
+    return _entry("glean_cat_16x", pretrained, progress)
+
+
+@_describe
+def stylegan2_ffhq_1024(*, pretrained: bool = True, progress: bool = True) -> "stylegan2.Generator":
+    return _entry("stylegan2_ffhq_1024", pretrained, progress)
+
+
+@_describe
+def stylegan2_cat_256(*, pretrained: bool = True, progress: bool = True) -> "stylegan2.Generator":
+    return _entry("stylegan2_cat_256", pretrained, progress)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -427,13 +481,14 @@ class GLEAN(nn.Module):
                 g = self.bank_step(g, C, feats, stream)
             g_j = g if uses_g else None
             if res == cfg.decoder_bank_up_to:
-                g = None                                                     # the bank's last feature: free it after use
+                g = None                                                     # the bank's last feature: free after use
             D_j = self.decoder[j]
             if stream:
                 width = max(o.shape[1] // 4 + (g_j.shape[1] if g_j is not None else 0),         # [d_{j-1}, g_j]
                             D_j.upsample_conv.out_channels if isinstance(D_j, PixelShufflePack) else 0)
-                o = run_in_strips(lambda s, o_s, g_s: s.crop(self.decoder_step(D_j, o_s, g_s), 2), [o, g_j], [1, 2],
-                                  halo=1, out_scale=2, width=width, max_elems=self.strip_elems)
+                step = lambda s, o_s, g_s, D_j=D_j: s.crop(self.decoder_step(D_j, o_s, g_s), 2)  # noqa: E731
+                o = run_in_strips(step, [o, g_j], [1, 2], halo=1, out_scale=2, width=width,
+                                  max_elems=self.strip_elems)
             else:
                 o = self.decoder_step(D_j, o, g_j)                           # d_j = D_j(d_{j-1}, g_j)
             del g_j

@@ -244,16 +244,16 @@ class ModulatedConv2d(nn.Module):
     def forward_reference(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The official formulation: a grouped convolution with one modulated weight per sample (for tests)."""
         B, C, H, W = x.shape
-        weight = self.modulated_weight(w).to(x.dtype)                               # [B, O, I, k, k]
-        O, k = self.out_channels, self.kernel_size
+        weight = self.modulated_weight(w).to(x.dtype)                               # [B, Co, I, k, k]
+        Co, k = self.out_channels, self.kernel_size
         x = x.reshape(1, B * C, H, W)
         if self.upsample:
-            weight = weight.transpose(1, 2).reshape(B * C, O, k, k)  # conv_transpose wants [in, out/groups, k, k]
-            out = F.conv_transpose2d(x, weight, stride=2, groups=B)                 # [1, B*O, 2H+1, 2W+1]
-            out = out.view(B, O, *out.shape[2:])
-            return upfirdn2d(out, self.blur.kernel, pad=self.blur.pad)              # [B, O, 2H, 2W]
-        out = F.conv2d(x, weight.reshape(B * O, C, k, k), padding=k // 2, groups=B)  # [1, B*O, H, W]
-        return out.view(B, O, H, W)
+            weight = weight.transpose(1, 2).reshape(B * C, Co, k, k)  # conv_transpose wants [in, out/groups, k, k]
+            out = F.conv_transpose2d(x, weight, stride=2, groups=B)                 # [1, B*Co, 2H+1, 2W+1]
+            out = out.view(B, Co, *out.shape[2:])
+            return upfirdn2d(out, self.blur.kernel, pad=self.blur.pad)              # [B, Co, 2H, 2W]
+        out = F.conv2d(x, weight.reshape(B * Co, C, k, k), padding=k // 2, groups=B)  # [1, B*Co, H, W]
+        return out.view(B, Co, H, W)
 
 
 class NoiseInjection(nn.Module):

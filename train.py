@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 import glean
 import stylegan2
@@ -524,7 +524,8 @@ def check_finite(losses: dict, env: Env, run: Path, step: int, debug: dict) -> N
     path = run / f"nonfinite_step_{step:08d}_rank{env.rank}.pt"
     if not ok:
         save_file({"step": step, "losses": {k: float(v) for k, v in losses.items()}, **debug}, path)
-    raise RuntimeError(f"non-finite loss at step {step} ({', '.join(f'{k}={float(v):.4g}' for k, v in losses.items())}); "
+    values = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+    raise RuntimeError(f"non-finite loss at step {step} ({values}); "
                        f"the models and the batch are saved in {run}/nonfinite_step_{step:08d}_rank*.pt. "
                        f"Resume from the last checkpoint with a lower --lr, or check the data")
 
@@ -582,7 +583,8 @@ def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
     G = build_glean(cfg).to(env.device)
     mcfg = G.cfg
     D = stylegan2.Discriminator(stylegan2.DiscriminatorConfig(
-        in_size=mcfg.out_size, channel_multiplier=mcfg.channel_multiplier, channel_base=mcfg.channel_base)).to(env.device)
+        in_size=mcfg.out_size, channel_multiplier=mcfg.channel_multiplier, channel_base=mcfg.channel_base))
+    D = D.to(env.device)
     if state is None:
         if G.bank is not None:
             if not cfg.bank:

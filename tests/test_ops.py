@@ -11,10 +11,10 @@ import stylegan2
 def ref_conv2d(x, w, pad):
     """Cross-correlation by explicit loops. x [C, H, W], w [O, C, k, k] -> [O, H + 2 pad - k + 1, ...]."""
     C, H, W = x.shape
-    O, _, k, _ = w.shape
+    Co, _, k, _ = w.shape
     xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
-    out = np.zeros((O, H + 2 * pad - k + 1, W + 2 * pad - k + 1))
-    for o in range(O):
+    out = np.zeros((Co, H + 2 * pad - k + 1, W + 2 * pad - k + 1))
+    for o in range(Co):
         for i in range(out.shape[1]):
             for j in range(out.shape[2]):
                 out[o, i, j] = (xp[:, i:i + k, j:j + k] * w[o]).sum()

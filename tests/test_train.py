@@ -1,4 +1,4 @@
-"""train.py: both stages end to end on tiny models, exact resume, broken checkpoints and data, torchrun, bank loaders."""
+"""train.py: both stages end to end on tiny models, exact resume, broken checkpoints and data, torchrun, banks."""
 import collections
 import contextlib
 import json
@@ -87,7 +87,8 @@ def test_glean_stage_with_validation_perceptual_loss_and_a_corrupt_file(images, 
     err = capsys.readouterr().err
     assert "skipping unreadable image" in err and "broken.png" in err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["val/psnr"] for r in rows if "val/psnr" in r] and all(r["loss/percep"] > 0 for r in rows if "loss/percep" in r)
+    assert [r["val/psnr"] for r in rows if "val/psnr" in r]
+    assert all(r["loss/percep"] > 0 for r in rows if "loss/percep" in r)
     model = glean.load_pretrained(train.checkpoints(run)[-1])     # a training checkpoint is a usable model
     assert model(torch.zeros(1, 3, 8, 8)).shape == (1, 3, 32, 32)
 
@@ -331,7 +332,7 @@ def _write_ada_pickle(G, path, marker, _reconstruct_persistent_obj):
         def __reduce__(self):
             return _reconstruct_persistent_obj, (self.meta,)
 
-    sd, ch = G.state_dict(), G.channels
+    sd = G.state_dict()
     P = lambda t: torch.nn.Parameter(t.clone())  # noqa: E731
     f = stylegan2.make_kernel([1, 3, 3, 1])
 
@@ -344,7 +345,8 @@ def _write_ada_pickle(G, path, marker, _reconstruct_persistent_obj):
                                                        "bias": P(sd[f"{name}.conv.style_modulation.bias"])})})
 
     def torgb(name):
-        return Persistent("ToRGBLayer", {"weight": P(sd[f"{name}.conv.weight"][0]), "bias": P(sd[f"{name}.bias"].flatten())},
+        return Persistent("ToRGBLayer", {"weight": P(sd[f"{name}.conv.weight"][0]),
+                                         "bias": P(sd[f"{name}.bias"].flatten())},
                           {}, {"affine": Persistent("FC", {"weight": P(sd[f"{name}.conv.style_modulation.weight"]),
                                                            "bias": P(sd[f"{name}.conv.style_modulation.bias"])})})
 
@@ -383,7 +385,8 @@ def test_lpips_from_local_files(tmp_path):
     alex = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet().state_dict(), alex)
     heads = tmp_path / "alex.pth"
-    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate([64, 192, 384, 256, 256])}, heads)
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate([64, 192, 384, 256, 256])},
+               heads)
     metric, why = LPIPS.load(str(alex), str(heads))
     assert metric is not None, why
     x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1

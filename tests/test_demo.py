@@ -1,0 +1,89 @@
+"""demo.py: its handlers, and the whole app in a real browser (headless Chromium driven by Playwright)."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import glean
+from conftest import ROOT, tiny_cfg
+
+gr = pytest.importorskip("gradio")
+CHROMIUM = os.environ.get("GLEAN_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    glean.GLEAN(tiny_cfg(8, 32)).save(path)
+    return path
+
+
+def test_import_is_light_and_handlers_work(model_file):
+    import demo
+    assert demo._models == {}                                   # nothing loaded at import
+    face = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    (before, after), png, info = demo.upscale(face, str(model_file))
+    assert before.size == after.size == (32, 32) and Image.open(png).size == (32, 32)
+    edited = {"background": face, "layers": [Image.new("RGBA", face.size)], "composite": face}
+    out, png = demo.retouch(edited, str(model_file))              # nothing painted: the whole image
+    assert out.size == (32, 32)
+    with pytest.raises(gr.Error):
+        demo.upscale(None, str(model_file))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+def test_upload_upscale_in_a_real_browser(model_file, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "demo.py"), "--model", str(model_file), "--port", str(port)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail(f"demo did not start: {server.stdout.read() if server.poll() is not None else ''}")
+                time.sleep(0.5)
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+            tmp_path / "face.png")
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync"])
+            page = browser.new_page()
+            page.goto(url, wait_until="networkidle")
+            page.set_input_files("#input-image input[type=file]", str(tmp_path / "face.png"))
+            page.wait_for_selector("#input-image img", timeout=30_000)
+            page.click("#upscale-button")
+            page.wait_for_selector("#result-slider img", timeout=120_000)
+            page.wait_for_function("() => [...document.querySelectorAll('#result-slider img')]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+            sizes = page.eval_on_selector_all("#result-slider img", "els => els.map(e => [e.naturalWidth, "
+                                                                     "e.naturalHeight])")
+            link = page.eval_on_selector("#result-file a", "a => a.href")
+            browser.close()
+        assert sizes and all(s == [32, 32] for s in sizes), sizes
+        with urllib.request.urlopen(link) as r, Image.open(r) as im:   # the PNG offered for download
+            assert im.size == (32, 32)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,60 @@
+"""torch.hub entry points, loaded the way users load them (source='local'), pretrained through a file:// URL."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import glean
+import glean_io
+import stylegan2
+from conftest import DATA, ROOT
+
+ENTRIES = ["glean_cat_16x", "glean_cat_8x", "glean_face_16x", "glean_face_in128_8x", "stylegan2_cat_256",
+           "stylegan2_ffhq_1024"]
+
+
+def test_entries_listed_and_documented():
+    """What torch.hub.list reports: hubconf's public callables (hub.list itself only takes GitHub repos)."""
+    hubconf = torch.hub._import_module("hubconf", str(ROOT / "hubconf.py"))
+    names = sorted(n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith("_"))
+    assert names == ENTRIES
+    assert set(hubconf.dependencies) >= {"torch", "safetensors"}
+    for name in names:
+        doc, w = getattr(hubconf, name).__doc__, glean.WEIGHTS[name]
+        assert w.url in doc and w.license in doc and f"{w.config['out_size']}x{w.config['out_size']}" in doc
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_every_entry_loads_with_random_weights(name):
+    model = torch.hub.load(str(ROOT), name, source="local", pretrained=False)
+    cfg = glean.WEIGHTS[name].config
+    if name.startswith("stylegan2"):
+        assert isinstance(model, stylegan2.Generator) and model.cfg.out_size == cfg["out_size"]
+    else:
+        assert isinstance(model, glean.GLEAN) and (model.cfg.in_size, model.cfg.out_size) == \
+            (cfg["in_size"], cfg["out_size"])
+    assert not model.training
+
+
+def test_pretrained_through_file_url(tmp_path, monkeypatch):
+    """The real download path (hub cache, sha256 check, weights_only loading) with a local copy of a small
+    checkpoint in the release layout, registered in place of a released model."""
+    ckpt = tmp_path / "glean_small_20260101-00000000.pth"
+    ckpt.write_bytes((DATA / "golden_in16_out64_ckpt.pth").read_bytes())
+    meta = json.loads((DATA / "golden_in16_out64.json").read_text())
+    sha = glean_io.sha256_of(ckpt)
+    config = dict(meta["constructor_kwargs"], channel_base=64)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setitem(glean.WEIGHTS, "glean_cat_16x", dataclasses.replace(
+        glean.WEIGHTS["glean_cat_16x"], url=ckpt.as_uri(), sha256=sha[:8], config=config))
+    model = torch.hub.load(str(ROOT), "glean_cat_16x", source="local", progress=False)
+    io = torch.load(DATA / "golden_in16_out64_io.pt", weights_only=True)
+    with torch.no_grad():
+        assert (model(io["input"]) - io["output"]).abs().max() <= 1e-4
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / ckpt.name
+    assert cached.is_file()
+    monkeypatch.setitem(glean.WEIGHTS, "glean_cat_16x", dataclasses.replace(
+        glean.WEIGHTS["glean_cat_16x"], url=ckpt.as_uri(), sha256="0badf00d", config=config))
+    with pytest.raises(glean_io.CheckpointError, match="hash check"):
+        torch.hub.load(str(ROOT), "glean_cat_16x", source="local", progress=False)
