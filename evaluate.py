@@ -1,12 +1,25 @@
-"""Image-quality metrics of the paper's protocol: PSNR, SSIM (RGB and Y), LPIPS (Sec. 4, Table 2).
+"""Evaluate super-resolution the paper's way: PSNR and SSIM (RGB and Y), LPIPS (Table 2), and identity similarity
+(Table 1: cosine similarity of face-recognition embeddings of output and ground truth).
 
-Images are tensors [B, 3, H, W] in [-1, 1] (RGB), as GLEAN produces them; metrics are computed on 8-bit values.
+    python evaluate.py --gt DIR --gt-size 64 --bicubic --model glean_face_8x --json r.json --markdown r.md
+    python evaluate.py --gt DIR --outputs DIR2                 # already upscaled images (same file names)
+
+Ground truths are centre-cropped to squares and resized to the model's output size (or --gt-size), the LR inputs
+made from them with MATLAB's bicubic. Identity: dlib's face-recognition ResNet (pip install dlib-bin
+face_recognition_models, CC0 weights), or ArcFace with --arcface FILE (insightface's iresnet `backbone.pth`).
+LPIPS needs local weights (see LPIPS.load). Images are tensors [B, 3, H, W] in [-1, 1]; metrics use 8-bit values.
 """
+import argparse
 import importlib.util
+import json
+import math
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from glean_io import CheckpointError, load_file
 
@@ -21,6 +34,42 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     give +inf."""
     mse = (to_uint8_range(a) - to_uint8_range(b)).square().flatten(1).mean(1)
     return 10 * torch.log10(255.0 ** 2 / mse)
+
+
+def rgb_to_y(t: torch.Tensor) -> torch.Tensor:
+    """8-bit RGB [B, 3, H, W] -> luma Y [B, 1, H, W] in [16, 235] (ITU-R BT.601, as MATLAB's rgb2ycbcr)."""
+    r, g, b = t[:, 0:1], t[:, 1:2], t[:, 2:3]
+    return 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+
+
+def psnr_y(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PSNR on the luma channel Y (the usual super-resolution convention), per image."""
+    mse = (rgb_to_y(to_uint8_range(a)) - rgb_to_y(to_uint8_range(b))).square().flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse)
+
+
+def _ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SSIM (Wang et al. 2004) of 8-bit-valued images [B, C, H, W]: 11x11 Gaussian window (sigma 1.5), K1 = 0.01,
+    K2 = 0.03, L = 255, valid region only; mean over pixels and channels, per image."""
+    C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    g = torch.exp(-(torch.arange(11, dtype=torch.float64) - 5) ** 2 / (2 * 1.5 ** 2))
+    w = (g[:, None] * g[None]) / g.sum() ** 2
+    C = x.shape[1]
+    w = w[None, None].expand(C, 1, 11, 11)
+    f = lambda t: F.conv2d(t, w, groups=C)  # noqa: E731
+    mx, my = f(x), f(y)
+    sxx, syy, sxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
+    s = ((2 * mx * my + C1) * (2 * sxy + C2)) / ((mx ** 2 + my ** 2 + C1) * (sxx + syy + C2))
+    return s.flatten(1).mean(1)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """SSIM on RGB (mean over channels), per image."""
+    return _ssim(to_uint8_range(a), to_uint8_range(b))
+
+
+def ssim_y(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _ssim(rgb_to_y(to_uint8_range(a)), rgb_to_y(to_uint8_range(b)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,3 +125,251 @@ class LPIPS(nn.Module):
             return cls(load_file(alex), load_file(lin)), ""
         except (CheckpointError, KeyError, RuntimeError) as e:
             return None, f"LPIPS weights unusable ({e})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Identity similarity (Table 1): cosine similarity of face-recognition embeddings
+
+
+class DlibIdentity:
+    """dlib's 128-d face-recognition ResNet (weights from the PyPI package face_recognition_models, CC0). The
+    inputs are aligned face crops, so no detector runs: five landmarks are found inside the whole crop (enlarged to
+    256 px) and dlib aligns its 150 px chip from them."""
+
+    def __init__(self):
+        import dlib
+        spec = importlib.util.find_spec("face_recognition_models")
+        if spec is None:
+            raise ImportError("face_recognition_models")
+        models = Path(spec.submodule_search_locations[0]) / "models"
+        self.dlib = dlib
+        self.landmarks = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
+        self.net = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> [B, 128]."""
+        import glean
+        big = glean.imresize((images.float() + 1) / 2, size=256).clamp(0, 1)
+        out = []
+        for im in big:
+            a = np.ascontiguousarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            shape = self.landmarks(a, self.dlib.rectangle(0, 0, a.shape[1] - 1, a.shape[0] - 1))
+            out.append(torch.tensor(list(self.net.compute_face_descriptor(a, shape)), dtype=torch.float64))
+        return torch.stack(out)
+
+
+class IBasicBlock(nn.Module):
+    """ArcFace's improved residual block: BN, conv3x3, BN, PReLU, conv3x3 (stride), BN, + shortcut."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin, eps=1e-5)
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout, eps=1e-5)
+        self.prelu = nn.PReLU(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout, eps=1e-5)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, eps=1e-5))
+
+    def forward(self, x):
+        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        return out + (self.downsample(x) if self.downsample is not None else x)
+
+
+class IResNet(nn.Module):
+    """ArcFace backbone (insightface arcface_torch): 112x112 aligned face -> 512-d embedding."""
+
+    def __init__(self, layers: list):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
+        self.prelu = nn.PReLU(64)
+        cin = 64
+        for i, (n, cout) in enumerate(zip(layers, (64, 128, 256, 512)), start=1):
+            blocks = [IBasicBlock(cin, cout, 2)] + [IBasicBlock(cout, cout, 1) for _ in range(n - 1)]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+            cin = cout
+        self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
+        self.fc = nn.Linear(512 * 7 * 7, 512)
+        self.features = nn.BatchNorm1d(512, eps=1e-5)
+
+    def forward(self, x):
+        x = self.prelu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.features(self.fc(self.bn2(x).flatten(1)))
+
+
+class ArcFaceIdentity:
+    """ArcFace embeddings from the user's iresnet weights (state dict `backbone.pth`; depth read from its keys)."""
+
+    def __init__(self, path):
+        sd = load_file(path)
+        sd = sd.get("state_dict", sd)
+        layers = [1 + max((int(k.split(".")[1]) for k in sd if k.startswith(f"layer{i}.")), default=-1)
+                  for i in range(1, 5)]
+        if min(layers) < 1:
+            raise CheckpointError(f"{path}: not an ArcFace iresnet state dict (no layer1..layer4 keys)")
+        self.net = IResNet(layers).eval()
+        self.net.load_state_dict(sd)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> [B, 512]; aligned crops are resized to 112x112 (ArcFace's input)."""
+        import glean
+        return self.net(glean.imresize(images.float(), size=112).clamp(-1, 1)).double()
+
+
+def identity_similarity(model, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the embeddings of a and b, per image."""
+    return F.cosine_similarity(model.embed(a), model.embed(b), dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Protocol
+
+
+def load_folder(folder, size: int, limit: int = 0) -> tuple:
+    """Images of a folder (sorted) as [N, 3, size, size] in [-1, 1] (centre crop, MATLAB bicubic) and their names."""
+    from train import list_images, read_rgb, square
+    files = list_images(folder)[:limit or None]
+    return torch.stack([square(read_rgb(f), size) * 2 - 1 for f in files]), [f.name for f in files]
+
+
+def score(sr: torch.Tensor, gt: torch.Tensor, lpips=None, identity=None) -> dict:
+    """Per-image metrics of sr against gt, [N, 3, H, W] in [-1, 1]."""
+    m = {"psnr": psnr(sr, gt), "psnr_y": psnr_y(sr, gt), "ssim": ssim(sr, gt), "ssim_y": ssim_y(sr, gt)}
+    if lpips is not None:
+        m["lpips"] = lpips(sr.float(), gt.float()).double()
+    if identity is not None:
+        m["identity"] = identity_similarity(identity, sr, gt)
+    return m
+
+
+def mean(values: list) -> float:
+    """Mean that keeps +inf (PSNR of identical images) instead of failing."""
+    return float(np.mean(values)) if values else float("nan")
+
+
+def evaluate(methods: dict, gt: torch.Tensor, lpips=None, identity=None, batch: int = 16) -> dict:
+    """methods: name -> function(gt batch, its index slice) -> SR batch in [-1, 1].
+    Returns name -> {"mean": metric -> mean, "per_image": metric -> values}."""
+    from tqdm import tqdm
+    results = {}
+    for name, fn in methods.items():
+        per = {}
+        for i in tqdm(range(0, len(gt), batch), desc=name, unit="batch", disable=None):
+            y = gt[i:i + batch]
+            for k, v in score(fn(y, slice(i, i + batch)).clamp(-1, 1), y, lpips, identity).items():
+                per.setdefault(k, []).extend(v.tolist())
+        results[name] = {"mean": {k: mean(v) for k, v in per.items()}, "per_image": per}
+    return results
+
+
+def markdown(results: dict, n: int) -> str:
+    cols = [c for c in ("psnr", "psnr_y", "ssim", "ssim_y", "lpips", "identity")
+            if any(c in r["mean"] for r in results.values())]
+    head = {"psnr": "PSNR (dB)", "psnr_y": "PSNR-Y (dB)", "ssim": "SSIM", "ssim_y": "SSIM-Y", "lpips": "LPIPS",
+            "identity": "identity sim."}
+    fmt = lambda v, c: "inf" if math.isinf(v) else (f"{v:.2f}" if c.startswith("psnr") else f"{v:.4f}")  # noqa
+    rows = ["| method | " + " | ".join(head[c] for c in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for name, r in results.items():
+        rows.append(f"| {name} | " + " | ".join(fmt(r["mean"][c], c) if c in r["mean"] else "-" for c in cols) + " |")
+    return "\n".join(rows) + f"\n\n({n} images)\n"
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gt", required=True, help="folder of ground-truth images")
+    ap.add_argument("--model", action="append", default=[], metavar="NAME_OR_FILE[=LABEL]",
+                    help="registered model or checkpoint (repeatable); LR inputs made from the ground truth")
+    ap.add_argument("--outputs", action="append", default=[], metavar="DIR[=LABEL]",
+                    help="folder of already upscaled images with the ground truth's file names (repeatable)")
+    ap.add_argument("--bicubic", action="store_true", help="add the bicubic baseline (needs --scale or a model)")
+    ap.add_argument("--gt-size", type=int, default=0, help="ground-truth size (default: the model's out_size)")
+    ap.add_argument("--scale", type=int, default=0, help="upscaling factor for the bicubic baseline")
+    ap.add_argument("--limit", type=int, default=0, help="use the first N images")
+    ap.add_argument("--identity", choices=["auto", "dlib", "none"], default="auto")
+    ap.add_argument("--arcface", default="", help="ArcFace iresnet weights: identity by ArcFace instead of dlib")
+    ap.add_argument("--lpips-alexnet", default="", help="AlexNet ImageNet weights for LPIPS")
+    ap.add_argument("--lpips-heads", default="", help="LPIPS v0.1 alex.pth")
+    ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument("--markdown", default="", help="write the table here")
+    args = ap.parse_args(argv)
+    import glean
+    from glean_io import atomic_write
+    from infer import load_model, run_model
+    from train import UserError
+    try:
+        models = {}
+        for spec in args.model:
+            path, _, label = spec.partition("=")
+            models[label or Path(path).stem] = load_model(path, "cpu")
+        size = args.gt_size or (next(iter(models.values())).cfg.out_size if models else 0)
+        if not size:
+            raise ValueError("pass --gt-size (or a --model, whose output size is used)")
+        gt, names = load_folder(args.gt, size, args.limit)
+        methods = {}
+        scale = args.scale or (next(iter(models.values())).cfg.scale if models else 0)
+        if args.bicubic:
+            if not scale:
+                raise ValueError("--bicubic needs --scale (or a --model)")
+            methods["bicubic"] = lambda y, _: glean.imresize(glean.imresize(y, scale=1 / scale), size=size)
+        for label, model in models.items():
+            if model.cfg.out_size != size:
+                raise ValueError(f"{label} outputs {model.cfg.out_size} px, the ground truth is {size} px")
+            methods[label] = lambda y, _, m=model: run_model(m, (glean.imresize(y, size=m.cfg.in_size) + 1) / 2) * 2 - 1
+        for spec in args.outputs:
+            folder, _, label = spec.partition("=")
+            imgs, found = load_folder(folder, size)
+            where = {n: i for i, n in enumerate(found)}
+            missing = [n for n in names if n not in where]
+            if missing:
+                raise ValueError(f"{folder} lacks outputs for {len(missing)} ground-truth images (e.g. {missing[0]})")
+            imgs = imgs[[where[n] for n in names]]                          # in the ground truth's order
+            methods[label or Path(folder).name] = lambda y, idx, imgs=imgs: imgs[idx]
+    except (ValueError, CheckpointError, OSError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    lpips, why = LPIPS.load(args.lpips_alexnet, args.lpips_heads)
+    if lpips is None:
+        print(f"note: no LPIPS: {why}", file=sys.stderr)
+    identity = None
+    if args.arcface:
+        identity = ArcFaceIdentity(args.arcface)
+    elif args.identity != "none":
+        try:
+            identity = DlibIdentity()
+        except ImportError as e:
+            if args.identity == "dlib":
+                print(f"error: identity by dlib needs pip install dlib-bin face_recognition_models ({e})",
+                      file=sys.stderr)
+                return 2
+            print("note: no identity similarity (pip install dlib-bin face_recognition_models, or --arcface)",
+                  file=sys.stderr)
+    results = evaluate(methods, gt, lpips, identity)
+    table = markdown(results, len(gt))
+    print(table)
+    if args.json:
+        with atomic_write(args.json, "w") as f:
+            json.dump(_json_safe({"gt": str(args.gt), "gt_size": size, "images": names, "results": results}), f,
+                      indent=1)
+    if args.markdown:
+        with atomic_write(args.markdown, "w") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
