@@ -447,6 +447,15 @@ class Stopper:
         print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
 
 
+def checkpoint_or_stop(step: int, cfg: TrainConfig, env: Env, stop: "Stopper", save) -> bool:
+    """End of a step: save every ckpt_every steps, at the last step, and when any process was asked to stop;
+    True means stop now (all processes agree)."""
+    stopping = not env.all_true(not stop.requested)
+    if step % cfg.ckpt_every == 0 or step == cfg.iters or stopping:
+        save(step)
+    return stopping
+
+
 class Logger:
     """metrics.jsonl, TensorBoard scalars and images, and a tqdm progress bar (main process only)."""
 
@@ -681,10 +690,7 @@ def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
                 log.scalars(step, {**totals, "lr": sched_g.get_last_lr()[0]})
             if val is not None and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iters):
                 validate(G, val, env, log, step, lpips)
-            stopping = not env.all_true(not stop.requested)
-            if step % cfg.ckpt_every == 0 or step == cfg.iters or stopping:
-                save(step)
-            if stopping:
+            if checkpoint_or_stop(step, cfg, env, stop, save):
                 break
     finally:
         log.close(), stop.close()
@@ -811,10 +817,7 @@ def train_bank(cfg: TrainConfig, env: Env, state: dict | None) -> None:
                 with torch.no_grad():
                     img = G_ema(z_fixed, noise="const")
                 log.images(step, "samples", torchvision.utils.make_grid(img.clamp(-1, 1), nrow=4, value_range=(-1, 1)))
-            stopping = not env.all_true(not stop.requested)
-            if step % cfg.ckpt_every == 0 or step == cfg.iters or stopping:
-                save(step)
-            if stopping:
+            if checkpoint_or_stop(step, cfg, env, stop, save):
                 break
     finally:
         log.close(), stop.close()
