@@ -1,7 +1,7 @@
 """Train GLEAN (Appendix A, Eq. 5-9), or pretrain the StyleGAN2 latent bank it needs; one process or many (torchrun).
 
     python train.py --data ffhq --scale 16                 # preset: FFHQ 64 -> 1024 on the official FFHQ bank
-    python train.py --data DIR --out-size 256 --scale 8 --bank bank.pt
+    python train.py --data DIR --out-size 256 --scale 8 --bank runs/bank/bank.safetensors
     torchrun --nproc_per_node=4 train.py --data ffhq --scale 16
     python train.py --stage bank --data DIR --out-size 64   # bring your own latent bank (StyleGAN2)
     python train.py ... --out runs/x --resume                # continue exactly where runs/x stopped
@@ -10,7 +10,8 @@ Symbols: x the LR input, y the HR ground truth, y_hat = G(x) the GLEAN output, D
 D(.) = sigmoid(logit). The bank's weights stay fixed throughout (Sec. 3.4).
 
 A run directory holds checkpoints (plain data, written atomically; the newest readable one is resumed from),
-metrics.jsonl, TensorBoard logs and, for the bank stage, the final bank file.
+metrics.jsonl, TensorBoard logs and, when a run finishes, the trained model (glean.safetensors, or bank.safetensors
+for the bank stage: the EMA generator).
 """
 import argparse
 import contextlib
@@ -699,7 +700,12 @@ def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
             assert torch.equal(v, bank_before[k]), f"latent bank tensor {k} changed during training"
     same_everywhere(env, G, D)
     if env.main:
-        print(f"{'stopped' if step < cfg.iters else 'finished'} at step {step}; checkpoints in {run / 'checkpoints'}")
+        if step == cfg.iters:                       # the trained model, ready for infer.py / torch.hub / demo.py
+            G.save(run / "glean.safetensors")
+            print(f"finished at step {step}; model in {run / 'glean.safetensors'}, checkpoints in "
+                  f"{run / 'checkpoints'}")
+        else:
+            print(f"stopped at step {step}; checkpoints in {run / 'checkpoints'}")
 
 
 @torch.no_grad()
@@ -824,8 +830,9 @@ def train_bank(cfg: TrainConfig, env: Env, state: dict | None) -> None:
     same_everywhere(env, G, D, G_ema)
     if env.main:
         if step == cfg.iters:
-            stylegan2.save_generator(G_ema, run / "bank.pt")
-            print(f"finished at step {step}; latent bank (EMA generator) in {run / 'bank.pt'}")
+            stylegan2.save_generator(G_ema, run / "bank.safetensors")
+            print(f"finished at step {step}; latent bank (EMA generator) in {run / 'bank.safetensors'}; the "
+                  f"discriminator for --disc is in the last checkpoint")
         else:
             print(f"stopped at step {step}; checkpoints in {run / 'checkpoints'}")
 

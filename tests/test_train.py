@@ -44,7 +44,7 @@ def bank32(images, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("bank") / "run"
     assert train.main(["--stage", "bank", "--data", str(images), "--out-size", "32", "--model", json.dumps(TINY_BANK),
                        "--iters", "4", "--batch", "4", "--workers", "0", "--out", str(run), "--no-tensorboard"]) == 0
-    return run / "bank.pt"
+    return run / "bank.safetensors"
 
 
 def glean_args(images, bank, out, *extra):
@@ -67,7 +67,7 @@ def test_bank_stage(images, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6] and "loss/r1" in rows[2]
     assert any((run / "tb").iterdir())
-    G = stylegan2.load_generator(run / "bank.pt")          # the EMA generator, in this project's bank format
+    G = stylegan2.load_generator(run / "bank.safetensors")          # the EMA generator, in this project's bank format
     assert G.cfg.out_size == 16 and G.sample(2, seed=0).shape == (2, 3, 16, 16)
     ckpt = torch.load(train.checkpoints(run)[-1], weights_only=True)  # plain data only
     assert ckpt["step"] == 6 and set(ckpt) >= {"g", "d", "g_ema", "opt_g", "opt_d", "rng", "config"}
@@ -91,6 +91,9 @@ def test_glean_stage_with_validation_perceptual_loss_and_a_corrupt_file(images, 
     assert all(r["loss/percep"] > 0 for r in rows if "loss/percep" in r)
     model = glean.load_pretrained(train.checkpoints(run)[-1])     # a training checkpoint is a usable model
     assert model(torch.zeros(1, 3, 8, 8)).shape == (1, 3, 32, 32)
+    final = glean.load_pretrained(run / "glean.safetensors")      # and so is the finished run's model file
+    for k, v in final.state_dict().items():
+        torch.testing.assert_close(v, model.state_dict()[k], rtol=0, atol=0)
 
 
 def torchvision_vgg_features():
