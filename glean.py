@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import stylegan2
-from glean_io import CheckpointError, download, load_file, load_state_strict, save_file, state_dict_of
+from glean_io import CheckpointError, download, load_file, load_state_strict, save_file, sha256_of, state_dict_of
 from stylegan2 import assert_shape
 
 
@@ -118,7 +118,15 @@ class Weights:
 
 _MMEDIT = "https://download.openmmlab.com/mmediting"
 _APACHE = "weights: Apache-2.0 (OpenMMLab release)"
+_SMALL = dict(style_channels=96, num_mlps=2, channel_multiplier=1, channel_base=96)   # the shipped 64 px bank
+_CELEBA = ("weights: Apache-2.0 (this project); data: CelebA ids 1-10000, non-commercial research purposes only "
+           "(CelebA terms); see weights/MODEL_CARD.md")
 WEIGHTS = {
+    "glean_face_small_8x": Weights(
+        "weights/glean_face_small_8x.safetensors", "da6270cd", "glean",
+        dict(in_size=8, out_size=64, rrdb_channels=64, num_rrdbs=3, rrdb_growth_channels=32, decoder_channels=64,
+             **_SMALL), "faces (CelebA, 64x64 crops)", _CELEBA,
+        note="this project's small GLEAN, 8x (8 -> 64), trained on a 2-core CPU; ships with the code, works offline"),
     "glean_face_16x": Weights(
         f"{_MMEDIT}/restorers/glean/glean_ffhq_16x_20210527-61a3afad.pth", "61a3afad", "glean-official",
         dict(in_size=64, out_size=1024), "faces (FFHQ)", f"{_APACHE}; data: FFHQ, CC BY-NC-SA 4.0",
@@ -146,19 +154,38 @@ WEIGHTS = {
         "15bc485b", "stylegan2-official", dict(out_size=256), "cats (LSUN cat)",
         "NVIDIA Source Code License-NC (non-commercial); data: LSUN, research use",
         note="official StyleGAN2 config-f converted by OpenMMLab: the latent bank of the cat models"),
+    "stylegan2_celeba_64": Weights(
+        "weights/stylegan2_celeba_64.safetensors", "1315473a", "stylegan2", dict(out_size=64, **_SMALL),
+        "faces (CelebA, 64x64 crops)", _CELEBA,
+        note="this project's small StyleGAN2 (64 px), trained with train.py --stage bank: the latent bank of "
+             "glean_face_small_8x; ships with the code"),
 }
 
 
-DEFAULT_MODEL = "glean_face_16x"   # what infer.py, demo.py and torch.hub users get without naming a model
+DEFAULT_MODEL = "glean_face_small_8x"   # what infer.py, demo.py and torch.hub users get without naming a model
+
+
+def shipped_file(w: Weights) -> Path:
+    """A file that ships with the code: next to this file (a clone, an editable install, torch.hub) or in
+    <prefix>/share/glean-sr/ (a wheel install); hash-checked, so a Git LFS pointer or a damaged copy is named."""
+    places = [Path(__file__).resolve().parent / w.url, Path(sys.prefix) / "share" / "glean-sr" / w.url]
+    path = next((p for p in places if p.is_file()), None)
+    if path is None:
+        raise CheckpointError(f"{w.url} is missing (looked in {', '.join(str(p.parent) for p in places)}); "
+                              f"reinstall the package or clone the repository again")
+    if not sha256_of(path).startswith(w.sha256):
+        raise CheckpointError(f"{path} is damaged (sha256 does not start with {w.sha256}); restore it with "
+                              f"git checkout -- {w.url} or reinstall the package")
+    return path
 
 
 def weights_file(name_or_path, progress: bool = True) -> Path:
     """A registered weights name -> its local file (downloaded once into the torch.hub cache, hash-checked, or
-    shipped next to this file); any other string is taken as a path and must exist."""
+    shipped with the code); any other string is taken as a path and must exist."""
     if name_or_path in WEIGHTS:
         w = WEIGHTS[name_or_path]
         if "://" not in w.url:
-            return Path(__file__).resolve().parent / w.url
+            return shipped_file(w)
         return download(w.url, w.sha256, progress=progress)
     path = Path(name_or_path)
     if not path.is_file():
@@ -188,7 +215,7 @@ def load_pretrained(name_or_path, *, progress: bool = True) -> "GLEAN":
 
 def _entry(name: str, pretrained: bool, progress: bool):
     w = WEIGHTS[name]
-    if w.kind == "stylegan2-official":
+    if w.kind.startswith("stylegan2"):
         if pretrained:
             return stylegan2.load_generator(weights_file(name, progress))
         return stylegan2.Generator(stylegan2.GeneratorConfig(**w.config)).eval()
@@ -205,6 +232,11 @@ def _describe(fn):
                   f"    Weights: {w.url} (sha256 {w.sha256}...).\n    Licence: {w.license}.\n\n"
                   f"    pretrained=False gives the same network with random weights; progress shows the download.")
     return fn
+
+
+@_describe
+def glean_face_small_8x(*, pretrained: bool = True, progress: bool = True) -> "GLEAN":
+    return _entry("glean_face_small_8x", pretrained, progress)
 
 
 @_describe
@@ -235,6 +267,11 @@ def stylegan2_ffhq_1024(*, pretrained: bool = True, progress: bool = True) -> "s
 @_describe
 def stylegan2_cat_256(*, pretrained: bool = True, progress: bool = True) -> "stylegan2.Generator":
     return _entry("stylegan2_cat_256", pretrained, progress)
+
+
+@_describe
+def stylegan2_celeba_64(*, pretrained: bool = True, progress: bool = True) -> "stylegan2.Generator":
+    return _entry("stylegan2_celeba_64", pretrained, progress)
 
 
 # ----------------------------------------------------------------------------------------------------------

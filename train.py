@@ -526,6 +526,17 @@ def cosine(opt, cfg: TrainConfig):
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=cfg.min_lr)
 
 
+def stretch_schedule(sched, opt, cfg: TrainConfig) -> None:
+    """After resuming with a new --iters: the cosine now anneals over the new length, from the point the run has
+    reached (the learning rate is set to that curve's value, so the scheduler's recursive update stays on it)."""
+    if sched.T_max == cfg.iters:
+        return
+    sched.T_max, t = cfg.iters, sched.last_epoch
+    for g, base in zip(opt.param_groups, sched.base_lrs):
+        g["lr"] = cfg.min_lr + (base - cfg.min_lr) * (1 + math.cos(math.pi * t / cfg.iters)) / 2
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
 def check_finite(losses: dict, env: Env, run: Path, step: int, debug: dict) -> None:
     """Stop on a NaN/inf loss (on any process), after saving what is needed to reproduce it."""
     ok = all(math.isfinite(float(v)) for v in losses.values())
@@ -614,6 +625,7 @@ def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
         D.load_state_dict(state["discriminator"])
         for obj, key in ((opt_g, "opt_g"), (opt_d, "opt_d"), (sched_g, "sched_g"), (sched_d, "sched_d")):
             obj.load_state_dict(state[key])
+        stretch_schedule(sched_g, opt_g, cfg), stretch_schedule(sched_d, opt_d, cfg)   # --resume --iters N
         start = state["step"]
         set_rng_states(state["rng"], env)
     bank_before = {k: v.detach().clone() for k, v in G.bank.state_dict().items()} if G.bank is not None else {}

@@ -10,8 +10,8 @@ import glean_io
 import stylegan2
 from conftest import DATA, ROOT
 
-ENTRIES = ["glean_cat_16x", "glean_cat_8x", "glean_face_16x", "glean_face_in128_8x", "stylegan2_cat_256",
-           "stylegan2_ffhq_1024"]
+ENTRIES = ["glean_cat_16x", "glean_cat_8x", "glean_face_16x", "glean_face_in128_8x", "glean_face_small_8x",
+           "stylegan2_cat_256", "stylegan2_celeba_64", "stylegan2_ffhq_1024"]
 
 
 def test_entries_listed_and_documented():
@@ -58,3 +58,52 @@ def test_pretrained_through_file_url(tmp_path, monkeypatch):
         glean.WEIGHTS["glean_cat_16x"], url=ckpt.as_uri(), sha256="0badf00d", config=config))
     with pytest.raises(glean_io.CheckpointError, match="hash check"):
         torch.hub.load(str(ROOT), "glean_cat_16x", source="local", progress=False)
+
+
+# -- the model that ships with the code ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to download fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"tried to download: {args}")
+    monkeypatch.setattr(glean_io, "download", refuse)
+    monkeypatch.setattr(glean, "download", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+def test_shipped_weights_are_small_and_the_default(offline):
+    shipped = {n: w for n, w in glean.WEIGHTS.items() if "://" not in w.url}
+    assert glean.DEFAULT_MODEL in shipped and "stylegan2_celeba_64" in shipped
+    files = [glean.weights_file(n) for n in shipped]                   # hash-checked
+    assert sum(f.stat().st_size for f in files) <= 30 * 10 ** 6
+    assert all(f.suffix == ".safetensors" for f in files)
+
+
+def test_default_model_loads_offline_and_beats_bicubic_on_bank_faces(offline):
+    """torch.hub.load('.', default, source='local') with no network; on faces drawn from its own (shipped) latent
+    bank, shrunk to 8x8 with MATLAB bicubic, the 8x output is closer to the original than bicubic upscaling."""
+    model = torch.hub.load(str(ROOT), glean.DEFAULT_MODEL, source="local")
+    bank = torch.hub.load(str(ROOT), "stylegan2_celeba_64", source="local")
+    assert (model.cfg.in_size, model.cfg.out_size) == (8, 64)
+    for k, v in bank.state_dict().items():                            # the same bank inside the GLEAN model
+        torch.testing.assert_close(model.bank.state_dict()[k], v, rtol=0, atol=0)
+    with torch.no_grad():
+        y = bank.sample(16, seed=0, truncation=0.7).clamp(-1, 1)
+        x = glean.imresize(y, size=8)
+        y_hat = model(x).clamp(-1, 1)
+    bicubic = glean.imresize(x, size=64).clamp(-1, 1)
+    def psnr(a):
+        return (10 * torch.log10(4 / ((a - y) ** 2).mean(dim=(1, 2, 3)))).mean()
+    assert psnr(y_hat) > psnr(bicubic) + 1.0, (float(psnr(y_hat)), float(psnr(bicubic)))
+
+
+def test_damaged_shipped_file_is_named(tmp_path, monkeypatch, offline):
+    w = glean.WEIGHTS[glean.DEFAULT_MODEL]
+    monkeypatch.setitem(glean.WEIGHTS, glean.DEFAULT_MODEL, dataclasses.replace(w, sha256="0badf00d"))
+    with pytest.raises(glean_io.CheckpointError, match=f"damaged.*git checkout -- {w.url}"):
+        glean.load_pretrained(glean.DEFAULT_MODEL)
+    monkeypatch.setitem(glean.WEIGHTS, glean.DEFAULT_MODEL, dataclasses.replace(w, url="weights/missing.safetensors"))
+    with pytest.raises(glean_io.CheckpointError, match="weights/missing.safetensors is missing"):
+        glean.load_pretrained(glean.DEFAULT_MODEL)

@@ -179,3 +179,15 @@ def test_example_images():
     assert face.size == (140, 140)
     with pytest.raises(infer.InputError, match="unknown example"):
         infer.example_image("dog")
+
+
+def test_readme_first_command_uses_the_shipped_model(tmp_path, monkeypatch):
+    """`python infer.py -i example:astronaut -o results`: the default (shipped) model, no download, 8x8 -> 64x64."""
+    pytest.importorskip("skimage")
+    monkeypatch.setattr(glean, "download", lambda *a, **k: pytest.fail("tried to download"))
+    assert run(["-i", "example:astronaut", "-o", tmp_path / "results"]) == 0
+    (out,) = (tmp_path / "results").iterdir()
+    with Image.open(out) as im:
+        assert im.size == (64, 64) and im.mode == "RGB"
+        face = np.asarray(im, dtype=np.float64)
+    assert face.std() > 20                               # a picture, not a flat or blank tile

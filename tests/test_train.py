@@ -2,6 +2,7 @@
 import collections
 import contextlib
 import json
+import math
 import os
 import pickle
 import signal
@@ -396,3 +397,22 @@ def test_lpips_from_local_files(tmp_path):
     d = metric(x, y)
     assert d.shape == (2,) and (d > 0).all() and torch.equal(metric(x, x), torch.zeros(2))
     assert LPIPS.load(str(tmp_path / "missing.pth"), str(heads))[0] is None
+
+
+def test_resume_with_more_iters_stretches_the_cosine():
+    """--resume --iters N: the learning rate follows the cosine over N steps from where the run stopped."""
+    cfg = train.TrainConfig(iters=10, lr=1e-3, min_lr=1e-6)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=cfg.lr)
+    sched = train.cosine(opt, cfg)
+    for _ in range(10):
+        opt.step(), sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.min_lr)
+    cfg.iters = 40
+    train.stretch_schedule(sched, opt, cfg)
+    expected = [cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t / 40)) / 2 for t in range(10, 41)]
+    got = [opt.param_groups[0]["lr"]]
+    for _ in range(30):
+        opt.step(), sched.step()
+        got.append(opt.param_groups[0]["lr"])
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-12)
