@@ -108,7 +108,7 @@ class GLEANConfig:
 class Weights:
     url: str              # download address (http(s), file://) or a path relative to this file
     sha256: str           # prefix of the file's sha256, checked after download
-    kind: str             # "glean-official" (release layout), "glean" (this project's), "stylegan2-official"
+    kind: str             # "glean-official" (release layout), "glean" (ours), "stylegan2-official", "stylegan2" (ours)
     config: dict          # GLEANConfig or stylegan2.GeneratorConfig kwargs
     category: str         # what the model was trained on
     license: str          # licence of the weights and of their training data
