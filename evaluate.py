@@ -349,6 +349,9 @@ def main(argv=None) -> int:
     from infer import load_model, run_model
     from train import UserError
     try:
+        for out in (args.json, args.markdown, args.figure):   # fail now, not after scoring every image
+            if out:
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
         models = {}
         for spec in args.model:
             path, _, label = spec.partition("=")

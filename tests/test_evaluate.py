@@ -79,7 +79,7 @@ def test_command_line(tmp_path, capsys):
         Image.fromarray(np.clip(a.astype(int) + 5, 0, 255).astype(np.uint8)).save(out_dir / f"p{i}.png")
     torch.manual_seed(0)
     glean.GLEAN(tiny_cfg(8, 32)).save(tmp_path / "tiny.pt")
-    j, md, fig = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "fig.png"
+    j, md, fig = tmp_path / "new" / "r.json", tmp_path / "r.md", tmp_path / "fig.png"   # "new/" is made
     assert evaluate.main(["--gt", str(gt_dir), "--bicubic", "--model", f"{tmp_path / 'tiny.pt'}=tiny", "--outputs",
                           f"{out_dir}=plus5", "--identity", "none", "--json", str(j), "--markdown", str(md),
                           "--figure", str(fig)]) == 0
