@@ -288,7 +288,8 @@ class ResidualDenseBlock(nn.Module):
             setattr(self, f"conv{i + 1}", nn.Conv2d(channels + i * growth, out, 3, 1, 1))
         for i in range(5):  # ESRGAN init: small residuals at the start of training
             conv = getattr(self, f"conv{i + 1}")
-            nn.init.kaiming_normal_(conv.weight)
+            if not conv.weight.is_meta:         # on meta (built to be loaded) there is nothing to draw
+                nn.init.kaiming_normal_(conv.weight)
             conv.weight.data.mul_(0.1)
             nn.init.zeros_(conv.bias)
 

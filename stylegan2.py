@@ -55,11 +55,12 @@ def bias_leaky_relu(x: torch.Tensor, bias: torch.Tensor, negative_slope=0.2, gai
     return F.leaky_relu(x + bias.view(shape), negative_slope) * gain
 
 
-def make_kernel(k) -> torch.Tensor:
-    """Separable FIR kernel from 1-D taps: outer product, normalised to sum 1.  [len(k), len(k)]"""
-    k = torch.tensor(k, dtype=torch.float32)
+def make_kernel(k, gain: float = 1.0) -> torch.Tensor:
+    """Separable FIR kernel from 1-D taps: outer product, normalised to sum gain.  [len(k), len(k)]
+    Made on the CPU whatever the default device (on meta its arithmetic would import torch._dynamo)."""
+    k = torch.tensor(k, dtype=torch.float32, device="cpu")
     k = k[None, :] * k[:, None] if k.ndim == 1 else k
-    return k / k.sum()
+    return k * (gain / k.sum())
 
 
 def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1, pad=(0, 0)) -> torch.Tensor:
@@ -87,7 +88,7 @@ class Blur(nn.Module):
 
     def __init__(self, kernel=(1, 3, 3, 1), pad=(0, 0), upsample_factor: int = 1):
         super().__init__()
-        self.register_buffer("kernel", make_kernel(kernel) * upsample_factor ** 2)
+        self.register_buffer("kernel", make_kernel(kernel, upsample_factor ** 2))
         self.pad = tuple(pad)
 
     def forward(self, x, bias=None):
@@ -104,7 +105,7 @@ class Upsample(nn.Module):
 
     def __init__(self, kernel=(1, 3, 3, 1), factor: int = 2):
         super().__init__()
-        self.register_buffer("kernel", make_kernel(kernel) * factor ** 2)
+        self.register_buffer("kernel", make_kernel(kernel, factor ** 2))
         p = len(kernel) - factor
         self.factor, self.pad = factor, ((p + 1) // 2 + factor - 1, p // 2)
 
@@ -123,6 +124,13 @@ class PixelNorm(nn.Module):
 # Equalized-learning-rate layers
 
 
+def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
+    """N(0, std^2) initial weights; only the shape when the model is built on the meta device to be loaded: the
+    numbers would be thrown away, and torch's meta kernels for normal_ and arithmetic import torch._dynamo on
+    first use (about a second)."""
+    return torch.empty(shape) if torch.get_default_device().type == "meta" else torch.randn(shape) * std
+
+
 class EqualLinear(nn.Module):
     """Linear layer with equalized learning rate: y = x (W * lr_mul / sqrt(in))^T + b * lr_mul [, lrelu * sqrt 2]."""
 
@@ -131,7 +139,7 @@ class EqualLinear(nn.Module):
                  lr_mul: float = 1.0,      # 0.01 in the mapping network (lr_mlp)
                  activation: bool = False):  # fused bias + leaky ReLU(0.2) * sqrt(2)
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
+        self.weight = nn.Parameter(randn(out_features, in_features, std=1 / lr_mul))
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init)))
         self.scale, self.lr_mul, self.activation = lr_mul / math.sqrt(in_features), lr_mul, activation
 
@@ -146,7 +154,7 @@ class EqualConv2d(nn.Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.weight = nn.Parameter(randn(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self.scale, self.stride, self.padding = 1 / math.sqrt(in_channels * kernel_size ** 2), stride, padding
 
@@ -183,7 +191,7 @@ class ModulatedConv2d(nn.Module):
         self.demodulate, self.upsample, self.eps = demodulate, upsample, eps
         self.style_modulation = EqualLinear(style_channels, in_channels, bias_init=1.0)  # the affine map A
         # official layout [1, C_out, C_in, k, k] (a leading batch axis for the modulated weight)
-        self.weight = nn.Parameter(torch.randn(1, out_channels, in_channels, kernel_size, kernel_size))
+        self.weight = nn.Parameter(randn(1, out_channels, in_channels, kernel_size, kernel_size))
         self.scale = 1 / math.sqrt(in_channels * kernel_size ** 2)
         if upsample:
             factor, p = 2, (len(blur_kernel) - 2) - (kernel_size - 1)
@@ -319,7 +327,7 @@ class ConstantInput(nn.Module):
 
     def __init__(self, channels, size=4):
         super().__init__()
-        self.input = nn.Parameter(torch.randn(1, channels, size, size))
+        self.input = nn.Parameter(randn(1, channels, size, size))
 
     def forward(self, batch: int):
         return self.input.expand(batch, -1, -1, -1)
@@ -375,7 +383,7 @@ class Generator(nn.Module):
             in_ch = out_ch
         for i in range(self.num_injected_noises):
             res = 2 ** ((i + 1) // 2 + 2)
-            self.register_buffer(f"injected_noise_{i}", torch.randn(1, 1, res, res))
+            self.register_buffer(f"injected_noise_{i}", randn(1, 1, res, res))
 
     @property
     def resolutions(self):

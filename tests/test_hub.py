@@ -1,6 +1,8 @@
 """torch.hub entry points, loaded the way users load them (source='local'), pretrained through a file:// URL."""
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,3 +109,13 @@ def test_damaged_shipped_file_is_named(tmp_path, monkeypatch, offline):
     monkeypatch.setitem(glean.WEIGHTS, glean.DEFAULT_MODEL, dataclasses.replace(w, url="weights/missing.safetensors"))
     with pytest.raises(glean_io.CheckpointError, match="weights/missing.safetensors is missing"):
         glean.load_pretrained(glean.DEFAULT_MODEL)
+
+
+def test_loading_builds_on_meta_without_torch_lazy_imports():
+    """Loading the default model draws no random numbers and does no meta-tensor arithmetic: those would import
+    torch._dynamo on first use (about a second of a cold start, for weights that are then overwritten)."""
+    code = ("import sys, glean; m = glean.GLEAN.load(glean.weights_file(glean.DEFAULT_MODEL)); "
+            "assert not any(p.is_meta for p in m.state_dict().values()); "
+            "print('torch._dynamo' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0 and p.stdout.strip() == "False", p.stdout + p.stderr
