@@ -56,6 +56,9 @@ class TrainConfig:
     scale: int = 0                   # out_size / in_size
     model: dict = field(default_factory=dict)   # GLEANConfig / GeneratorConfig overrides (widths, ablations)
     bank: str = ""                   # GLEAN: pretrained StyleGAN2 (registered name, or a file of any known format)
+    init: str = ""                   # GLEAN: start from a trained GLEAN (registered name or file; its config + bank)
+    crop: tuple = ()                 # (left, top, size): square box of the training images (default: centre square)
+    crop_jitter: float = 0.0         # random shift (fraction of size) and scale (1 +- it) of that box per image
     disc: str = ""                   # discriminator init: "" = from the bank file if it has one, "none", or a file
     degrade: bool = False            # real-world degradations (blur, noise, JPEG) on top of bicubic LR
     iters: int = 300_000             # optimizer steps (Appendix A: 300k)
@@ -128,6 +131,18 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     elif not cfg.data or not Path(cfg.data).is_dir():
         raise UserError(f"--data must be a preset ({', '.join(sorted(names))}) or a folder of images, "
                         f"got '{cfg.data}'")
+    if cfg.init:
+        if cfg.stage != "glean":
+            raise UserError("--init starts GLEAN training from a trained GLEAN; the bank stage has no --init")
+        if cfg.model or cfg.bank:
+            raise UserError("--init takes the model config and the latent bank from its file; drop --model / --bank")
+        mcfg = init_model(cfg).cfg
+        scale = mcfg.out_size // mcfg.in_size
+        if (cfg.out_size and cfg.out_size != mcfg.out_size) or (cfg.scale and cfg.scale != scale):
+            raise UserError(f"--init {cfg.init} is a {scale}x model to {mcfg.out_size} px; "
+                            f"drop --scale / --out-size or pass {scale} / {mcfg.out_size}")
+        cfg.out_size, cfg.scale = mcfg.out_size, scale
+        cfg.model = {k: v for k, v in asdict(mcfg).items() if k not in ("in_size", "out_size")}
     if not cfg.out_size:
         raise UserError("pass --out-size (the HR / bank resolution) for a custom data folder")
     if cfg.stage == "glean" and not cfg.scale:
@@ -158,12 +173,31 @@ def read_rgb(path) -> torch.Tensor:
     return t.permute(2, 0, 1).float() / 255.0
 
 
-def square(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Centre-crop [C, H, W] to a square and resize it to size x size with MATLAB's bicubic (antialiased)."""
+def square(img: torch.Tensor, size: int, box: tuple = ()) -> torch.Tensor:
+    """Crop [C, H, W] to the square box (left, top, side) (default: the centre square) and resize it to
+    size x size with MATLAB's bicubic (antialiased)."""
     _, H, W = img.shape
-    s = min(H, W)
-    img = img[:, (H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s]
+    if box:
+        left, top, s = box
+        if not (s > 0 and 0 <= left and left + s <= W and 0 <= top and top + s <= H):
+            raise ValueError(f"crop box (left {left}, top {top}, size {s}) does not fit in the {W}x{H} image")
+    else:
+        s = min(H, W)
+        left, top = (W - s) // 2, (H - s) // 2
+    img = img[:, top:top + s, left:left + s]
     return img if s == size else glean.imresize(img, size=size).clamp(0, 1)
+
+
+def jitter_box(box: tuple, H: int, W: int, jitter: float, g: torch.Generator) -> tuple:
+    """The box (left, top, side) scaled by up to 1 +- jitter and shifted by up to jitter * side each way,
+    at random from g, then moved (and if need be shrunk) to lie inside the H x W image."""
+    u = lambda: 2 * torch.rand((), generator=g).item() - 1                 # noqa: E731  uniform in [-1, 1]
+    left, top, s = box or ((W - min(H, W)) // 2, (H - min(H, W)) // 2, min(H, W))
+    cx, cy = left + s / 2 + jitter * s * u(), top + s / 2 + jitter * s * u()
+    s = min(max(1, round(s * (1 + jitter * u()))), H, W)
+    left = min(max(0, round(cx - s / 2)), W - s)
+    top = min(max(0, round(cy - s / 2)), H - s)
+    return left, top, s
 
 
 def degrade(hr: torch.Tensor, in_size: int, g: torch.Generator) -> torch.Tensor:
@@ -201,9 +235,12 @@ class SRDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, folder, out_size: int, in_size: int | None = None, lr_dir: str = "", flip: bool = True,
-                 degrade: bool = False, seed: int = 0, limit: int = 0):
+                 degrade: bool = False, seed: int = 0, limit: int = 0, crop: tuple = (), crop_jitter: float = 0.0):
         self.files = list_images(folder)[:limit or None]
         self.out_size, self.in_size, self.flip, self.degrade, self.seed = out_size, in_size, flip, degrade, seed
+        self.crop, self.crop_jitter = tuple(crop), crop_jitter
+        if lr_dir and (crop or crop_jitter):
+            raise UserError("--crop / --crop-jitter cannot be used with --lr-dir (the paired LR images are fixed)")
         self.lr_files = {}
         if lr_dir:
             by_stem = {p.stem: p for p in list_images(lr_dir)}
@@ -220,8 +257,16 @@ class SRDataset(torch.utils.data.Dataset):
     def load(self, i: int, epoch: int) -> dict:
         path = self.files[i]
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + i)
-        hr = square(read_rgb(path), self.out_size)
+        img = read_rgb(path)
         flip = self.flip and torch.rand((), generator=g).item() < 0.5
+        box = self.crop
+        if box and not (box[0] >= 0 and box[1] >= 0 and box[2] > 0 and box[0] + box[2] <= img.shape[2]
+                        and box[1] + box[2] <= img.shape[1]):
+            raise UserError(f"--crop {' '.join(map(str, box))} (left top size) does not fit in {path.name} "
+                            f"({img.shape[2]}x{img.shape[1]}); pass a box inside every training image")
+        if self.crop_jitter:
+            box = jitter_box(box, img.shape[1], img.shape[2], self.crop_jitter, g)
+        hr = square(img, self.out_size, box)
         item = {"hr": hr}
         if self.in_size:
             if self.lr_files:
@@ -573,6 +618,14 @@ def same_everywhere(env: Env, *modules: nn.Module) -> None:
 # GLEAN (Appendix A)
 
 
+def init_model(cfg: TrainConfig) -> glean.GLEAN:
+    """--init: the trained GLEAN to start from (this project's format, or a registered name)."""
+    try:
+        return glean.GLEAN.load(glean.weights_file(cfg.init))
+    except CheckpointError as e:
+        raise UserError(f"--init {cfg.init}: {e}") from e
+
+
 def build_glean(cfg: TrainConfig) -> glean.GLEAN:
     mcfg = glean.GLEANConfig.from_dict({"out_size": cfg.out_size, "in_size": cfg.out_size // cfg.scale, **cfg.model})
     return glean.GLEAN(mcfg)
@@ -601,19 +654,22 @@ def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
     run = Path(cfg.out)
     bank_file = glean.weights_file(cfg.bank) if cfg.bank and state is None else None   # fail before building
     torch.manual_seed(cfg.seed)                                             # the same initial weights everywhere
-    G = build_glean(cfg).to(env.device)
+    G = build_glean(cfg)
+    if cfg.init and state is None:                  # fine-tune: every weight (bank included) from a trained GLEAN
+        G.load_state_dict(init_model(cfg).state_dict())
+    G = G.to(env.device)
     mcfg = G.cfg
     D = stylegan2.Discriminator(stylegan2.DiscriminatorConfig(
         in_size=mcfg.out_size, channel_multiplier=mcfg.channel_multiplier, channel_base=mcfg.channel_base))
     D = D.to(env.device)
-    if state is None:
+    if state is None and not cfg.init:
         if G.bank is not None:
             if not cfg.bank:
                 raise UserError("GLEAN needs a pretrained StyleGAN2 latent bank at out_size: pass --bank "
                                 "(a registered name or a file; train one with --stage bank)")
             G.load_bank(bank_file)
-        if cfg.gan_weight > 0:
-            load_discriminator(D, cfg.disc, cfg.bank)
+    if state is None and cfg.gan_weight > 0:
+        load_discriminator(D, cfg.disc, cfg.bank)
     percep = PerceptualLoss(cfg.vgg_weights).to(env.device) if cfg.percep_weight > 0 else None
     opt_g = torch.optim.Adam(G.trainable_parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas)
@@ -632,7 +688,8 @@ def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
     G_train, D_train = wrap(G, env), wrap(D, env)
     G_fwd, D_fwd = (torch.compile(G_train), torch.compile(D_train)) if cfg.compile else (G_train, D_train)
     autocast, scaler = precision(cfg, env)
-    data = SRDataset(cfg.data, mcfg.out_size, mcfg.in_size, cfg.lr_dir, degrade=cfg.degrade, seed=cfg.seed)
+    data = SRDataset(cfg.data, mcfg.out_size, mcfg.in_size, cfg.lr_dir, degrade=cfg.degrade, seed=cfg.seed,
+                     crop=cfg.crop, crop_jitter=cfg.crop_jitter)
     batches = loader(data, cfg, env, start * cfg.accum)
     val = SRDataset(cfg.val_data, mcfg.out_size, mcfg.in_size, flip=False, limit=cfg.val_count) \
         if cfg.val_data and env.main else None
@@ -768,7 +825,7 @@ def train_bank(cfg: TrainConfig, env: Env, state: dict | None) -> None:
         set_rng_states(state["rng"], env)
     G_train, D_train = wrap(G, env), wrap(D, env)
     autocast, scaler = precision(cfg, env)
-    data = SRDataset(cfg.data, cfg.out_size, seed=cfg.seed)
+    data = SRDataset(cfg.data, cfg.out_size, seed=cfg.seed, crop=cfg.crop, crop_jitter=cfg.crop_jitter)
     batches = loader(data, cfg, env, start)
     log, stop = Logger(run, cfg, env, start), Stopper()
     beta = 0.5 ** (cfg.batch * env.world / (cfg.ema_kimg * 1000))           # EMA decay per step
@@ -869,6 +926,12 @@ def parse_args(argv=None) -> tuple:
     ap.add_argument("--bank", default=d.bank, help="latent bank: registered name or file (official, ours, "
                                                    "rosinality .pt, stylegan2-ada .pkl)")
     ap.add_argument("--disc", default=d.disc, help='discriminator init file, or "none"')
+    ap.add_argument("--init", default=d.init, help="fine-tune: start from a trained GLEAN (file or registered name); "
+                                                   "its config and bank are used")
+    ap.add_argument("--crop", type=int, nargs=3, default=None, metavar=("LEFT", "TOP", "SIZE"),
+                    help="square box of the training images to use (default: the centre square)")
+    ap.add_argument("--crop-jitter", type=float, default=None,
+                    help="random shift (fraction of the box) and scale (1 +- it) of the box per image")
     ap.add_argument("--degrade", action="store_true", help="real-world degradations (blur, noise, JPEG)")
     for name in ("iters", "batch", "accum", "workers", "seed", "ckpt_every", "keep", "log_every", "val_every",
                  "val_count", "reg_every"):
@@ -892,7 +955,7 @@ def parse_args(argv=None) -> tuple:
         v = a.get(f.name)
         if v is None:
             v = stage_defaults.get(f.name, preset_batch if f.name == "batch" and preset_batch else getattr(d, f.name))
-        values[f.name] = tuple(v) if f.name == "betas" else v
+        values[f.name] = tuple(v) if f.name in ("betas", "crop") else v
     return TrainConfig(**values), explicit
 
 
@@ -909,7 +972,8 @@ def main(argv=None) -> int:
             state, path = latest_checkpoint(Path(cfg.out))
             if state is None:
                 raise UserError(f"--resume: no readable checkpoint in {cfg.out}/checkpoints")
-            saved = {**state["config"], "betas": tuple(state["config"]["betas"])}
+            saved = {**state["config"], "betas": tuple(state["config"]["betas"]),
+                     "crop": tuple(state["config"].get("crop", ()))}
             given = {k: getattr(cfg, k) for k in explicit & RESUME_OVERRIDES}
             cfg = TrainConfig(**{**saved, **given, "resume": True, "out": cfg.out})
             if env.main:

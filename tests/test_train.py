@@ -416,3 +416,41 @@ def test_resume_with_more_iters_stretches_the_cosine():
         opt.step(), sched.step()
         got.append(opt.param_groups[0]["lr"])
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_crop_box_and_its_jitter(images):
+    """--crop takes the given square of each image; --crop-jitter moves and scales it per (image, epoch), inside."""
+    hr = train.SRDataset(images, 32, flip=False, crop=(2, 3, 30))[(1, 0)]["hr"]
+    whole = train.read_rgb(sorted(images.iterdir())[1])
+    torch.testing.assert_close(hr, glean.imresize(whole[:, 3:33, 2:32], size=32).clamp(0, 1) * 2 - 1)
+    assert not torch.allclose(hr, train.SRDataset(images, 32, flip=False)[(1, 0)]["hr"])   # not the centre square
+    g = torch.Generator().manual_seed(0)
+    boxes = {train.jitter_box((2, 3, 30), 40, 36, 0.2, g) for _ in range(200)}
+    assert len(boxes) > 50
+    for left, top, s in boxes:
+        assert 24 <= s <= 36 and left >= 0 and top >= 0 and left + s <= 36 and top + s <= 40
+    jit = train.SRDataset(images, 32, flip=False, crop=(2, 3, 30), crop_jitter=0.1)
+    assert torch.equal(jit[(1, 5)]["hr"], jit[(1, 5)]["hr"])                     # reproducible per (index, epoch)
+    assert not torch.equal(jit[(1, 5)]["hr"], jit[(1, 6)]["hr"])
+    with pytest.raises(train.UserError, match="does not fit in im00"):
+        train.SRDataset(images, 32, crop=(10, 0, 40))[(0, 0)]
+
+
+def test_init_fine_tunes_from_a_trained_glean(images, bank32, tmp_path):
+    """--init starts from a trained GLEAN's weights, config and bank (lr 0 keeps them exactly); errors are clear."""
+    first = tmp_path / "first"
+    assert train.main(glean_args(images, bank32, first, "--iters", "1")) == 0
+    trained = glean.GLEAN.load(first / "glean.safetensors")
+    tuned = tmp_path / "tuned"
+    base = ["--data", str(images), "--init", str(first / "glean.safetensors"), "--percep-weight", "0",
+            "--gan-weight", "0", "--batch", "2", "--workers", "0", "--no-tensorboard", "--out", str(tuned)]
+    assert train.main([*base, "--iters", "1", "--lr", "0", "--min-lr", "0", "--crop", "0", "0", "36"]) == 0
+    after = glean.GLEAN.load(tuned / "glean.safetensors")
+    assert after.cfg == trained.cfg
+    for (k, a), b in zip(trained.state_dict().items(), after.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert train.main(["--out", str(tuned), "--resume", "--data", str(images), "--iters", "2"]) == 0
+    for extra, message in ((["--model", json.dumps(TINY_GLEAN)], "drop --model"),
+                           (["--scale", "8"], "is a 4x model to 32 px")):
+        p = run_cli([*base[:-1], str(tmp_path / "bad"), *extra])
+        assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
