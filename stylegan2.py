@@ -232,7 +232,11 @@ class ModulatedConv2d(nn.Module):
         B, C, H, W = x.shape
         assert C == self.in_channels, f"expected {self.in_channels} input channels, got {C}"
         k = self.kernel_size
-        if B == 1:  # the product keeps the weight's memory order: see nhwc_weights_
+        out_per_in = self.out_channels / C * (4 if self.upsample else 1)     # output / input elements
+        if B == 1 and x.numel() * (1 + out_per_in) >= self.weight.numel():
+            # one sample, large maps: modulate the weight (one pass over it; the product keeps the weight's
+            # memory order, see nhwc_weights_). Small maps (low resolutions) take the activation path below,
+            # which passes over the (then smaller) input and output instead.
             weight = (self.weight[0] * self.modulation(w, gain)[0, :, :, None, None]).to(x.dtype)  # [O, I, k, k]
             if self.upsample:
                 out = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)      # [1, O, 2H+1, 2W+1]
@@ -246,8 +250,8 @@ class ModulatedConv2d(nn.Module):
         else:
             out = F.conv2d(x, weight, padding=k // 2)                                 # [B, O, H, W]
         d = self.demodulation(s) * gain if self.demodulate else torch.full_like(s[:, :1], gain)  # [B, O or 1]
-        out = out * d.to(out.dtype)[:, :, None, None]
-        return out if bias is None else out + bias.view(1, -1, 1, 1)
+        d = d.to(out.dtype)[:, :, None, None]
+        return out * d if bias is None else torch.addcmul(bias.view(1, -1, 1, 1).to(out.dtype), out, d)
 
     def forward_reference(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The official formulation: a grouped convolution with one modulated weight per sample (for tests)."""
