@@ -123,7 +123,7 @@ _CELEBA = ("weights: Apache-2.0 (this project); data: CelebA ids 1-10000, non-co
            "(CelebA terms); see weights/MODEL_CARD.md")
 WEIGHTS = {
     "glean_face_small_8x": Weights(
-        "weights/glean_face_small_8x.safetensors", "da6270cd", "glean",
+        "weights/glean_face_small_8x.safetensors", "1ed45f55", "glean",
         dict(in_size=8, out_size=64, rrdb_channels=64, num_rrdbs=3, rrdb_growth_channels=32, decoder_channels=64,
              **_SMALL), "faces (CelebA, 64x64 crops)", _CELEBA,
         note="this project's small GLEAN, 8x (8 -> 64), trained on a 2-core CPU; ships with the code, works offline"),
