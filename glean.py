@@ -125,7 +125,7 @@ WEIGHTS = {
     "glean_face_small_8x": Weights(
         "weights/glean_face_small_8x.safetensors", "1ed45f55", "glean",
         dict(in_size=8, out_size=64, rrdb_channels=64, num_rrdbs=3, rrdb_growth_channels=32, decoder_channels=64,
-             **_SMALL), "faces (CelebA, 64x64 crops)", _CELEBA,
+             **_SMALL), "faces (CelebA, 64x64 crops framed like LFW's: face ~60% of the width)", _CELEBA,
         note="this project's small GLEAN, 8x (8 -> 64), trained on a 2-core CPU; ships with the code, works offline"),
     "glean_face_16x": Weights(
         f"{_MMEDIT}/restorers/glean/glean_ffhq_16x_20210527-61a3afad.pth", "61a3afad", "glean-official",
@@ -156,7 +156,7 @@ WEIGHTS = {
         note="official StyleGAN2 config-f converted by OpenMMLab: the latent bank of the cat models"),
     "stylegan2_celeba_64": Weights(
         "weights/stylegan2_celeba_64.safetensors", "1315473a", "stylegan2", dict(out_size=64, **_SMALL),
-        "faces (CelebA, 64x64 crops)", _CELEBA,
+        "faces (CelebA, 64x64 centre crops)", _CELEBA,
         note="this project's small StyleGAN2 (64 px), trained with train.py --stage bank: the latent bank of "
              "glean_face_small_8x; ships with the code"),
 }
