@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import io
 import json
+import functools
 import math
 import os
 import signal
@@ -136,7 +137,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise UserError("--init starts GLEAN training from a trained GLEAN; the bank stage has no --init")
         if cfg.model or cfg.bank:
             raise UserError("--init takes the model config and the latent bank from its file; drop --model / --bank")
-        mcfg = init_model(cfg).cfg
+        mcfg = load_init(cfg.init).cfg
         scale = mcfg.out_size // mcfg.in_size
         if (cfg.out_size and cfg.out_size != mcfg.out_size) or (cfg.scale and cfg.scale != scale):
             raise UserError(f"--init {cfg.init} is a {scale}x model to {mcfg.out_size} px; "
@@ -173,14 +174,19 @@ def read_rgb(path) -> torch.Tensor:
     return t.permute(2, 0, 1).float() / 255.0
 
 
+def box_fits(box: tuple, H: int, W: int) -> bool:
+    left, top, s = box
+    return s > 0 and 0 <= left and left + s <= W and 0 <= top and top + s <= H
+
+
 def square(img: torch.Tensor, size: int, box: tuple = ()) -> torch.Tensor:
     """Crop [C, H, W] to the square box (left, top, side) (default: the centre square) and resize it to
     size x size with MATLAB's bicubic (antialiased)."""
     _, H, W = img.shape
     if box:
+        if not box_fits(box, H, W):
+            raise ValueError(f"crop box (left, top, size) {tuple(box)} does not fit in the {W}x{H} image")
         left, top, s = box
-        if not (s > 0 and 0 <= left and left + s <= W and 0 <= top and top + s <= H):
-            raise ValueError(f"crop box (left {left}, top {top}, size {s}) does not fit in the {W}x{H} image")
     else:
         s = min(H, W)
         left, top = (W - s) // 2, (H - s) // 2
@@ -260,8 +266,7 @@ class SRDataset(torch.utils.data.Dataset):
         img = read_rgb(path)
         flip = self.flip and torch.rand((), generator=g).item() < 0.5
         box = self.crop
-        if box and not (box[0] >= 0 and box[1] >= 0 and box[2] > 0 and box[0] + box[2] <= img.shape[2]
-                        and box[1] + box[2] <= img.shape[1]):
+        if box and not box_fits(box, img.shape[1], img.shape[2]):            # checked before any jitter
             raise UserError(f"--crop {' '.join(map(str, box))} (left top size) does not fit in {path.name} "
                             f"({img.shape[2]}x{img.shape[1]}); pass a box inside every training image")
         if self.crop_jitter:
@@ -618,12 +623,14 @@ def same_everywhere(env: Env, *modules: nn.Module) -> None:
 # GLEAN (Appendix A)
 
 
-def init_model(cfg: TrainConfig) -> glean.GLEAN:
-    """--init: the trained GLEAN to start from (this project's format, or a registered name)."""
+@functools.lru_cache(maxsize=1)
+def load_init(name: str) -> glean.GLEAN:
+    """--init: the trained GLEAN to start from (this project's format, or a registered name). Cached: `resolve`
+    reads its config, `train_glean` its weights (and then clears the cache)."""
     try:
-        return glean.GLEAN.load(glean.weights_file(cfg.init))
+        return glean.GLEAN.load(glean.weights_file(name))
     except CheckpointError as e:
-        raise UserError(f"--init {cfg.init}: {e}") from e
+        raise UserError(f"--init {name}: {e}") from e
 
 
 def build_glean(cfg: TrainConfig) -> glean.GLEAN:
@@ -656,7 +663,8 @@ def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
     torch.manual_seed(cfg.seed)                                             # the same initial weights everywhere
     G = build_glean(cfg)
     if cfg.init and state is None:                  # fine-tune: every weight (bank included) from a trained GLEAN
-        G.load_state_dict(init_model(cfg).state_dict())
+        G.load_state_dict(load_init(cfg.init).state_dict())
+        load_init.cache_clear()
     G = G.to(env.device)
     mcfg = G.cfg
     D = stylegan2.Discriminator(stylegan2.DiscriminatorConfig(
