@@ -132,6 +132,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     elif not cfg.data or not Path(cfg.data).is_dir():
         raise UserError(f"--data must be a preset ({', '.join(sorted(names))}) or a folder of images, "
                         f"got '{cfg.data}'")
+    if cfg.crop and not (cfg.crop[0] >= 0 and cfg.crop[1] >= 0 and cfg.crop[2] > 0):
+        raise UserError(f"--crop LEFT TOP SIZE needs LEFT, TOP >= 0 and SIZE > 0, got {' '.join(map(str, cfg.crop))}")
+    if not 0 <= cfg.crop_jitter < 0.5:
+        raise UserError(f"--crop-jitter is a fraction of the box, 0 <= it < 0.5 (e.g. 0.05), got {cfg.crop_jitter}")
     if cfg.init:
         if cfg.stage != "glean":
             raise UserError("--init starts GLEAN training from a trained GLEAN; the bank stage has no --init")
@@ -172,6 +176,17 @@ def read_rgb(path) -> torch.Tensor:
         im = im.convert("RGB")
         t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3)
     return t.permute(2, 0, 1).float() / 255.0
+
+
+def image_size(path) -> tuple | None:
+    """(H, W) of an image file as read_rgb returns it (EXIF rotation applied), from its header only; None if
+    unreadable (the dataset reports and skips such files when it loads them)."""
+    try:
+        with Image.open(path) as im:
+            W, H = im.size
+            return (W, H) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (H, W)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
 
 
 def box_fits(box: tuple, H: int, W: int) -> bool:
@@ -247,6 +262,12 @@ class SRDataset(torch.utils.data.Dataset):
         self.crop, self.crop_jitter = tuple(crop), crop_jitter
         if lr_dir and (crop or crop_jitter):
             raise UserError("--crop / --crop-jitter cannot be used with --lr-dir (the paired LR images are fixed)")
+        if crop:                                    # here, in the main process: a worker's error is a traceback
+            for path in self.files:
+                size = image_size(path)
+                if size is not None and not box_fits(self.crop, *size):
+                    raise UserError(f"--crop {' '.join(map(str, crop))} (left top size) does not fit in {path.name} "
+                                    f"({size[1]}x{size[0]}); pass a box inside every training image")
         self.lr_files = {}
         if lr_dir:
             by_stem = {p.stem: p for p in list_images(lr_dir)}
@@ -265,10 +286,7 @@ class SRDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + i)
         img = read_rgb(path)
         flip = self.flip and torch.rand((), generator=g).item() < 0.5
-        box = self.crop
-        if box and not box_fits(box, img.shape[1], img.shape[2]):            # checked before any jitter
-            raise UserError(f"--crop {' '.join(map(str, box))} (left top size) does not fit in {path.name} "
-                            f"({img.shape[2]}x{img.shape[1]}); pass a box inside every training image")
+        box = self.crop                                                     # fits: checked in __init__
         if self.crop_jitter:
             box = jitter_box(box, img.shape[1], img.shape[2], self.crop_jitter, g)
         hr = square(img, self.out_size, box)

@@ -432,8 +432,8 @@ def test_crop_box_and_its_jitter(images):
     jit = train.SRDataset(images, 32, flip=False, crop=(2, 3, 30), crop_jitter=0.1)
     assert torch.equal(jit[(1, 5)]["hr"], jit[(1, 5)]["hr"])                     # reproducible per (index, epoch)
     assert not torch.equal(jit[(1, 5)]["hr"], jit[(1, 6)]["hr"])
-    with pytest.raises(train.UserError, match="does not fit in im00"):
-        train.SRDataset(images, 32, crop=(10, 0, 40))[(0, 0)]
+    with pytest.raises(train.UserError, match="does not fit in im00"):    # at construction, not in a worker
+        train.SRDataset(images, 32, crop=(10, 0, 40))
 
 
 def test_init_fine_tunes_from_a_trained_glean(images, bank32, tmp_path):
@@ -451,6 +451,9 @@ def test_init_fine_tunes_from_a_trained_glean(images, bank32, tmp_path):
         assert torch.equal(a, b), k
     assert train.main(["--out", str(tuned), "--resume", "--data", str(images), "--iters", "2"]) == 0
     for extra, message in ((["--model", json.dumps(TINY_GLEAN)], "drop --model"),
-                           (["--scale", "8"], "is a 4x model to 32 px")):
+                           (["--scale", "8"], "is a 4x model to 32 px"),
+                           (["--crop", "0", "0", "99", "--workers", "1"], "does not fit in im00"),
+                           (["--crop", "0", "-1", "20"], "LEFT, TOP >= 0"),
+                           (["--crop-jitter", "-0.1"], "0 <= it < 0.5")):
         p = run_cli([*base[:-1], str(tmp_path / "bad"), *extra])
         assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
