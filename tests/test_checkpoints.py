@@ -38,8 +38,7 @@ def test_released_layout_loads_strictly(name):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == \
         m["summary"]["num_trainable_parameters"] - sum(  # fusion_skip is frozen: it cannot influence the output
             e["numel"] for e in m["state_dict"] if "fusion_skip" in e["key"])
-    nhwc = {f"{n}.weight" for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Conv2d) and not (isinstance(m, glean.Conv2d) and m.nchw())}
+    nhwc = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     modulated = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, stylegan2.ModulatedConv2d)}
     for ours_key, theirs in model.official_names().items():
         if ours_key in nhwc:         # re-laid out once to NHWC, like the activations

@@ -138,3 +138,18 @@ def test_strips_equal_whole_image(in_size, out_size, ablation):
         for elems in (1, 3000):  # one base row per strip, and a few rows
             model.strip_elems = elems
             torch.testing.assert_close(model(x), whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_wide_conv_in_output_chunks_equals_one_conv(bias):
+    """glean.Conv2d runs a conv with >= 1024 input channels over >= 64x64 pixels as 128-output-channel convs at CPU
+    inference: same result, output in the input's (NHWC) layout; with gradients enabled it is plain nn.Conv2d."""
+    torch.manual_seed(0)
+    conv = glean.Conv2d(1024, 272, 3, 1, 1, bias=bias)          # chunks of 128, 128 and 16 output channels
+    x = torch.randn(1, 1024, 64, 65).contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    with torch.no_grad():
+        y = conv(x)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert conv(x[:, :, :8]).grad_fn is not None                # training: one autograd conv as usual
