@@ -153,3 +153,18 @@ def test_wide_conv_in_output_chunks_equals_one_conv(bias):
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert conv(x[:, :, :8]).grad_fn is not None                # training: one autograd conv as usual
+
+
+def test_heap_is_trimmed_only_before_large_streamed_stages(monkeypatch):
+    """run_in_strips hands free heap memory back to the OS only before stages whose inputs exceed 3 * max_elems
+    values (re-faulting trimmed pages costs time); the result does not depend on it."""
+    calls = []
+    monkeypatch.setattr(glean, "release_free_memory", lambda: calls.append(1))
+    x = torch.randn(1, 4, 16, 16)
+    fn = lambda s, x_s: s.crop(x_s * 2, 1)  # noqa: E731
+    small = glean.run_in_strips(fn, [x], [1], halo=0, out_scale=1, width=4, max_elems=400)   # 1024 <= 3 * 400
+    assert calls == []
+    large = glean.run_in_strips(fn, [x], [1], halo=0, out_scale=1, width=4, max_elems=300)   # 1024 > 3 * 300
+    assert calls == [1]
+    torch.testing.assert_close(small, 2 * x)
+    torch.testing.assert_close(large, 2 * x)
