@@ -183,7 +183,8 @@ def main():
         print(json.dumps(run_one(args._one, args.device, args.repeats, args.amp)))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+          + (f" ({torch.cuda.get_device_name()}, cuDNN TF32 for fp32 convs: "
+             f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'})" if args.device.startswith("cuda") else ""))
     print(f"golden case max abs error vs official: {golden_error():.2e}")
     import glean
     results = []
