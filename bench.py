@@ -75,7 +75,7 @@ def golden_error() -> float:
         return (model(io["input"]) - io["output"]).abs().max().item()
 
 
-def run_one(name: str, device: str, repeats: int, amp: bool) -> dict:
+def run_one(name: str, device: str, repeats: int, amp: bool, batch: int = 1) -> dict:
     """Runs in its own process: build, warm up, time, count FLOPs."""
     rss_import = max_rss_mib()
     import glean
@@ -88,7 +88,7 @@ def run_one(name: str, device: str, repeats: int, amp: bool) -> dict:
         model = glean.GLEAN(glean.GLEANConfig(**CONFIGS[name])).eval().to(dev)
     load_s, cfg = time.perf_counter() - t, model.cfg
     rss_build = max_rss_mib()
-    x = torch.rand(1, 3, cfg.in_size, cfg.in_size, device=dev) * 2 - 1
+    x = torch.rand(batch, 3, cfg.in_size, cfg.in_size, device=dev) * 2 - 1
     dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
     ctx = (lambda: torch.autocast(dev.type, dtype=dtype)) if amp else torch.no_grad
     with torch.no_grad(), ctx():
@@ -102,9 +102,10 @@ def run_one(name: str, device: str, repeats: int, amp: bool) -> dict:
             y = model(x)
             sync(dev)
             times.append(time.perf_counter() - t)
-    assert y.shape == (1, 3, cfg.out_size, cfg.out_size) and torch.isfinite(y).all()
+    assert y.shape == (batch, 3, cfg.out_size, cfg.out_size) and torch.isfinite(y).all()
     rss = {"after_import": rss_import, "after_build": rss_build, "after_forward": max_rss_mib()}
-    out = {"config": name, "device": device, "amp": amp, "load_s": load_s, "times_s": [round(t, 4) for t in times],
+    out = {"config": name, "device": device, "amp": amp, "batch": batch, "load_s": load_s,
+           "times_s": [round(t, 4) for t in times],
            "median_s": statistics.median(times), "maxrss_MiB": rss}
     if dev.type == "cuda":
         out["cuda_peak_allocated_MiB"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -168,6 +169,7 @@ def main():
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1, help="images per forward (seconds are reported per image)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on CUDA)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -180,7 +182,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._one:
-        print(json.dumps(run_one(args._one, args.device, args.repeats, args.amp)))
+        print(json.dumps(run_one(args._one, args.device, args.repeats, args.amp, args.batch)))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
           + (f" ({torch.cuda.get_device_name()}, cuDNN TF32 for fp32 convs: "
@@ -189,7 +191,8 @@ def main():
     import glean
     results = []
     for name in args.configs:
-        cmd = [sys.executable, __file__, "--_one", name, "--device", args.device, "--repeats", str(args.repeats)]
+        cmd = [sys.executable, __file__, "--_one", name, "--device", args.device, "--repeats", str(args.repeats),
+               "--batch", str(args.batch)]
         cmd += ["--amp"] * args.amp + (["--threads", str(args.threads)] if args.threads else [])
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         results.append(r)
@@ -198,8 +201,10 @@ def main():
                f"built {r['maxrss_MiB']['after_build']:.0f})")
         if "cuda_peak_allocated_MiB" in r:
             mem += f", CUDA peak allocated {r['cuda_peak_allocated_MiB']:.0f} MiB"
-        print(f"{name:9s} {r['median_s']:.4f} s/image (runs {r['times_s']}), {r['flops'] / 1e9:.1f} GFLOPs, "
-              f"{gflops:.1f} GFLOP/s = {100 * gflops / r['conv_peak_gflops']:.0f}% of conv peak "
+        batch = f"batch {args.batch}, " if args.batch > 1 else ""
+        print(f"{name:9s} {r['median_s'] / args.batch:.4f} s/image ({batch}runs {r['times_s']}), "
+              f"{r['flops'] / 1e9:.1f} GFLOPs, {gflops:.1f} GFLOP/s = "
+              f"{100 * gflops / r['conv_peak_gflops']:.0f}% of conv peak "
               f"{r['conv_peak_gflops']:.1f} GFLOP/s ({r['conv_peak_op']}); {mem}")
         if name in OFFICIAL:
             official = json.loads((ROOT / "tests/data" / OFFICIAL[name]).read_text())
