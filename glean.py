@@ -369,8 +369,10 @@ class GLEAN(nn.Module):
     def __init__(self, cfg: GLEANConfig):
         super().__init__()
         self.cfg = cfg
-        # inference runs blocks whose intermediates exceed this many values on strips (0: whole image at once)
-        self.strip_elems = 1 << 22
+        # Inference runs blocks whose intermediates exceed this many values on strips of rows (0: whole images).
+        # None: 2^22 on a CPU, where strips keep peak memory low at no cost in speed, and 0 on a GPU, where whole
+        # images keep it busy (2-3x faster at batch 8 on an H200, for more GPU memory). See run_in_strips.
+        self.strip_elems: int | None = None
         self.channels = ch = stylegan2.channel_table(cfg.channel_multiplier, cfg.channel_base)
         n_in, n_out = int(math.log2(cfg.in_size)), int(math.log2(cfg.out_size))
         lrelu_ = lambda: nn.LeakyReLU(0.2, inplace=True)  # noqa: E731
@@ -502,7 +504,8 @@ class GLEAN(nn.Module):
         # blocks run on strips of rows (run_in_strips), so the biggest feature maps never exist whole.
         g = self.bank_input(C)[0] if cfg.decoder_bank_up_to else None
         o = self.decoder[0].upsample_conv(feats[cfg.in_size])                # D_0(f_0), before the shuffle
-        stream = bool(self.strip_elems) and not torch.is_grad_enabled()
+        elems = self.strip_size(x.device)
+        stream = bool(elems) and not torch.is_grad_enabled()
         n = len(self.decoder)
         for j in range(1, n):
             res = 2 * o.shape[-1]                                            # level j's resolution: in_size * 2^j
@@ -513,15 +516,15 @@ class GLEAN(nn.Module):
                 # feature or its output is small (up to two strips' worth): strips recompute their halos.
                 next_out = self.channels[2 * o.shape[-1]] * (2 * o.shape[-1]) ** 2 * B
                 while (g.shape[-1] < o.shape[-1] or g.shape[-1] <= cfg.fuse_encoder_up_to
-                       or (g.shape[-1] == o.shape[-1] and next_out <= 2 * self.strip_elems)):
-                    g = self.bank_step(g, C, feats, stream)
+                       or (g.shape[-1] == o.shape[-1] and next_out <= 2 * elems)):
+                    g = self.bank_step(g, C, feats, elems)
                 width = max(2 * self.channels[cfg.out_size], cfg.decoder_channels)
                 o = run_in_strips(partial(self.top_levels, C=C, feats=feats), [o, g], [1, g.shape[-1] // o.shape[-1]],
                                   halo=2 if g.shape[-1] > o.shape[-1] else 3, out_scale=4, width=width,
-                                  max_elems=self.strip_elems)
+                                  max_elems=elems)
                 break
             while uses_g and g.shape[-1] < res:                              # the bank up to resolution res
-                g = self.bank_step(g, C, feats, stream)
+                g = self.bank_step(g, C, feats, elems if stream else 0)
             g_j = g if uses_g else None
             if res == cfg.decoder_bank_up_to:
                 g = None                                                     # the bank's last feature: free after use
@@ -530,22 +533,27 @@ class GLEAN(nn.Module):
                 width = max(o.shape[1] // 4 + (g_j.shape[1] if g_j is not None else 0),         # [d_{j-1}, g_j]
                             D_j.upsample_conv.out_channels if isinstance(D_j, PixelShufflePack) else 0)
                 step = lambda s, o_s, g_s, D_j=D_j: s.crop(self.decoder_step(D_j, o_s, g_s), 2)  # noqa: E731
-                o = run_in_strips(step, [o, g_j], [1, 2], halo=1, out_scale=2, width=width,
-                                  max_elems=self.strip_elems)
+                o = run_in_strips(step, [o, g_j], [1, 2], halo=1, out_scale=2, width=width, max_elems=elems)
             else:
                 o = self.decoder_step(D_j, o, g_j)                           # d_j = D_j(d_{j-1}, g_j)
             del g_j
         assert_shape(o, [B, cfg.img_channels, cfg.out_size, cfg.out_size])
         return o.contiguous()
 
-    def bank_step(self, g: torch.Tensor, C: torch.Tensor, feats: dict, stream: bool) -> torch.Tensor:
-        """The next style block of the bank: g at resolution r -> 2r (on strips when streaming and no fusion)."""
+    def bank_step(self, g: torch.Tensor, C: torch.Tensor, feats: dict, elems: int) -> torch.Tensor:
+        """The next style block of the bank: g at resolution r -> 2r (on strips of `elems` if elems and no fusion)."""
         r = g.shape[-1]
         k = int(math.log2(r)) - 2
-        if not stream or r <= self.cfg.fuse_encoder_up_to:
+        if not elems or r <= self.cfg.fuse_encoder_up_to:
             return self.style_block(k, g, C, feats)[0]
         return run_in_strips(lambda s, g_s: s.crop(self.style_block(k, g_s, C, feats, row0=s.a)[0], 2), [g], [1],
-                             halo=2, out_scale=2, width=self.channels[2 * r], max_elems=self.strip_elems)
+                             halo=2, out_scale=2, width=self.channels[2 * r], max_elems=elems)
+
+    def strip_size(self, device: torch.device) -> int:
+        """strip_elems, or its default for this device (None: 2^22 values on a CPU, whole images elsewhere)."""
+        if self.strip_elems is not None:
+            return self.strip_elems
+        return 1 << 22 if device.type == "cpu" else 0
 
     def top_levels(self, s: "Strip", o: torch.Tensor, g: torch.Tensor, C: torch.Tensor, feats: dict) -> torch.Tensor:
         """The last two decoder levels and the bank's blocks up to out_size, on one strip of rows.

@@ -168,3 +168,14 @@ def test_heap_is_trimmed_only_before_large_streamed_stages(monkeypatch):
     assert calls == [1]
     torch.testing.assert_close(small, 2 * x)
     torch.testing.assert_close(large, 2 * x)
+
+
+def test_strips_default_to_cpu_only():
+    """strip_elems None (the default): strips of 2^22 values on a CPU, whole images on a GPU; a set value holds
+    on every device."""
+    model = glean.GLEAN(tiny_cfg(8, 32))
+    assert model.strip_elems is None
+    assert model.strip_size(torch.device("cpu")) == 1 << 22
+    assert model.strip_size(torch.device("cuda")) == 0
+    model.strip_elems = 3000
+    assert model.strip_size(torch.device("cuda")) == model.strip_size(torch.device("cpu")) == 3000
