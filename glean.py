@@ -332,7 +332,7 @@ class Conv2d(nn.Conv2d):
     widest: at inference on a CPU, a conv with >= 1024 input channels over >= 64x64 pixels runs as convs of 128
     output channels each, then one concatenation. oneDNN blocks these narrower convs better for the cache: on the
     2-core reference CPU, 1024->1024 at 64x64 takes 349 ms instead of 411 ms (385 ms in NCHW), 1024->512 at 64x64
-    172 ms instead of 200 ms; narrower inputs or smaller maps gain nothing. The result is the same."""
+    172 ms instead of 200 ms; narrower inputs or smaller maps gain nothing. Same result up to rounding."""
 
     chunk = 128
 
@@ -500,12 +500,13 @@ class GLEAN(nn.Module):
             return rgb.contiguous()
         # Decoder, Eq. (4), interleaved with the bank: each g_i is consumed, then freed, as soon as it exists.
         # The mapping MLP is never run (C is in w space already) and the bank stops at the last g_i the decoder uses.
-        # `o` holds a decoder block's conv output before its pixel-shuffle (see decoder_step). At inference, large
-        # blocks run on strips of rows (run_in_strips), so the biggest feature maps never exist whole.
+        # `o` holds a decoder block's conv output before its pixel-shuffle (see decoder_step). At inference (on CPUs
+        # by default, see strip_size), large blocks run on strips of rows (run_in_strips), so the biggest feature
+        # maps never exist whole.
         g = self.bank_input(C)[0] if cfg.decoder_bank_up_to else None
         o = self.decoder[0].upsample_conv(feats[cfg.in_size])                # D_0(f_0), before the shuffle
-        elems = self.strip_size(x.device)
-        stream = bool(elems) and not torch.is_grad_enabled()
+        elems = 0 if torch.is_grad_enabled() else self.strip_size(x.device)   # values per strip, 0: whole maps
+        stream = bool(elems)
         n = len(self.decoder)
         for j in range(1, n):
             res = 2 * o.shape[-1]                                            # level j's resolution: in_size * 2^j
@@ -524,7 +525,7 @@ class GLEAN(nn.Module):
                                   max_elems=elems)
                 break
             while uses_g and g.shape[-1] < res:                              # the bank up to resolution res
-                g = self.bank_step(g, C, feats, elems if stream else 0)
+                g = self.bank_step(g, C, feats, elems)
             g_j = g if uses_g else None
             if res == cfg.decoder_bank_up_to:
                 g = None                                                     # the bank's last feature: free after use
