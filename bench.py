@@ -1,5 +1,7 @@
 """Inference benchmark: seconds per image, FLOPs, achieved GFLOP/s against a conv peak measured in the same run,
-and peak memory, for the official configurations with random weights. With --train: training iterations per second.
+and peak memory, for the official configurations with random weights, on the fast path (glean_fast.GLEANFast, what
+infer.py, demo.py and torch.hub use) and on the reference path (glean.GLEAN, the paper written out), so the gain of
+the fast path's machinery is visible. With --train: training iterations per second.
 
     python bench.py                       # CPU: cat 8x (32->256), ffhq 16x (64->1024), the shipped 8 -> 64 model
     python bench.py --device cuda --amp   # also on a GPU, in fp16/bf16 autocast
@@ -65,27 +67,32 @@ def conv_peak(device, dtype=torch.float32, repeats=5) -> tuple:
     return best
 
 
-def golden_error() -> float:
+def golden_error(path: str = "fast") -> float:
     import glean
+    import glean_fast
     meta = json.loads((ROOT / "tests/data/golden_in16_out64.json").read_text())
     cfg = glean.GLEANConfig(**meta["constructor_kwargs"], channel_base=64)
-    model = glean.GLEAN.from_official(ROOT / "tests/data/golden_in16_out64_ckpt.pth", cfg)
+    cls = glean_fast.GLEANFast if path == "fast" else glean.GLEAN
+    model = cls.from_official(ROOT / "tests/data/golden_in16_out64_ckpt.pth", cfg)
     io = torch.load(ROOT / "tests/data/golden_in16_out64_io.pt", weights_only=True)
     with torch.no_grad():
         return (model(io["input"]) - io["output"]).abs().max().item()
 
 
-def run_one(name: str, device: str, repeats: int, amp: bool, batch: int = 1) -> dict:
+def run_one(name: str, device: str, repeats: int, amp: bool, batch: int = 1, path: str = "fast") -> dict:
     """Runs in its own process: build, warm up, time, count FLOPs."""
     rss_import = max_rss_mib()
     import glean
+    import glean_fast
+    import zoo
     dev = torch.device(device)
     torch.manual_seed(0)
     t = time.perf_counter()
+    cls = glean_fast.GLEANFast if path == "fast" else glean.GLEAN
     if CONFIGS[name] is None:       # the model that ships with the code, loaded from disk like infer.py does
-        model = glean.load_pretrained(glean.DEFAULT_MODEL).to(dev)
+        model = zoo.load_pretrained(zoo.DEFAULT_MODEL, fast=path == "fast").to(dev)
     else:
-        model = glean.GLEAN(glean.GLEANConfig(**CONFIGS[name])).eval().to(dev)
+        model = cls(glean.GLEANConfig(**CONFIGS[name])).eval().to(dev)
     load_s, cfg = time.perf_counter() - t, model.cfg
     rss_build = max_rss_mib()
     x = torch.rand(batch, 3, cfg.in_size, cfg.in_size, device=dev) * 2 - 1
@@ -104,13 +111,13 @@ def run_one(name: str, device: str, repeats: int, amp: bool, batch: int = 1) -> 
             times.append(time.perf_counter() - t)
     assert y.shape == (batch, 3, cfg.out_size, cfg.out_size) and torch.isfinite(y).all()
     rss = {"after_import": rss_import, "after_build": rss_build, "after_forward": max_rss_mib()}
-    out = {"config": name, "device": device, "amp": amp, "batch": batch, "load_s": load_s,
+    out = {"config": name, "path": path, "device": device, "amp": amp, "batch": batch, "load_s": load_s,
            "times_s": [round(t, 4) for t in times],
            "median_s": statistics.median(times), "maxrss_MiB": rss}
     if dev.type == "cuda":
         out["cuda_peak_allocated_MiB"] = torch.cuda.max_memory_allocated() / 2 ** 20
     from torch.utils.flop_counter import FlopCounterMode
-    model.strip_elems = 0  # count the network's FLOPs, not the strips' halo recomputation
+    model.strip_elems = 0  # count the network's FLOPs, not the strips' halo recomputation (fast path)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(x)
@@ -170,6 +177,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1, help="images per forward (seconds are reported per image)")
+    ap.add_argument("--paths", nargs="+", default=["fast", "reference"], choices=["fast", "reference"],
+                    help="fast: glean_fast.GLEANFast (the default everywhere); reference: glean.GLEAN")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on CUDA)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -182,17 +191,17 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._one:
-        print(json.dumps(run_one(args._one, args.device, args.repeats, args.amp, args.batch)))
+        print(json.dumps(run_one(args._one, args.device, args.repeats, args.amp, args.batch, args.paths[0])))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
           + (f" ({torch.cuda.get_device_name()}, cuDNN TF32 for fp32 convs: "
              f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'})" if args.device.startswith("cuda") else ""))
-    print(f"golden case max abs error vs official: {golden_error():.2e}")
-    import glean
+    print("golden case max abs error vs official: " + ", ".join(f"{p} path {golden_error(p):.2e}" for p in args.paths))
+    import zoo
     results = []
-    for name in args.configs:
+    for name, path in ((n, p) for n in args.configs for p in args.paths):
         cmd = [sys.executable, __file__, "--_one", name, "--device", args.device, "--repeats", str(args.repeats),
-               "--batch", str(args.batch)]
+               "--batch", str(args.batch), "--paths", path]
         cmd += ["--amp"] * args.amp + (["--threads", str(args.threads)] if args.threads else [])
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         results.append(r)
@@ -202,17 +211,19 @@ def main():
         if "cuda_peak_allocated_MiB" in r:
             mem += f", CUDA peak allocated {r['cuda_peak_allocated_MiB']:.0f} MiB"
         batch = f"batch {args.batch}, " if args.batch > 1 else ""
-        print(f"{name:9s} {r['median_s'] / args.batch:.4f} s/image ({batch}runs {r['times_s']}), "
+        print(f"{name:9s} {path:9s} {r['median_s'] / args.batch:.4f} s/image ({batch}runs {r['times_s']}), "
               f"{r['flops'] / 1e9:.1f} GFLOPs, {gflops:.1f} GFLOP/s = "
               f"{100 * gflops / r['conv_peak_gflops']:.0f}% of conv peak "
               f"{r['conv_peak_gflops']:.1f} GFLOP/s ({r['conv_peak_op']}); {mem}")
+        if path != args.paths[-1]:
+            continue
         if name in OFFICIAL:
             official = json.loads((ROOT / "tests/data" / OFFICIAL[name]).read_text())
             print(f"{'':9s} official on its reference 2-core machine: {official['median_s']:.2f} s/image, "
                   f"{official['flops_total_FlopCounterMode'] / 1e9:.1f} GFLOPs, peak RSS "
                   f"{official['maxrss_MiB']['after_forward']:.0f} MiB")
         else:
-            print(f"{'':9s} {glean.DEFAULT_MODEL}: loaded from disk in {r['load_s']:.3f} s")
+            print(f"{'':9s} {zoo.DEFAULT_MODEL}: loaded from disk in {r['load_s']:.3f} s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -17,17 +17,19 @@ import torch
 from PIL import Image
 
 import glean
+import images
 import infer
+import zoo
 
-MODELS = [glean.DEFAULT_MODEL] + [n for n, w in glean.WEIGHTS.items()
-                                  if w.kind.startswith("glean") and n != glean.DEFAULT_MODEL]
+MODELS = [zoo.DEFAULT_MODEL] + [n for n, w in zoo.WEIGHTS.items()
+                                  if w.kind.startswith("glean") and n != zoo.DEFAULT_MODEL]
 MAX_UPLOAD = "10mb"              # larger uploads are refused by the server
 _models, _lock = {}, threading.Lock()
 
 
 def get_model(name: str) -> glean.GLEAN:
     """Load a registered model or a checkpoint file once (first use may download it) and keep it."""
-    if name not in glean.WEIGHTS and not Path(name).is_file():
+    if name not in zoo.WEIGHTS and not Path(name).is_file():
         raise gr.Error(f"unknown model '{name}'")
     with _lock:
         if name not in _models:
@@ -39,9 +41,9 @@ def get_model(name: str) -> glean.GLEAN:
 
 
 def describe(name: str) -> str:
-    if name not in glean.WEIGHTS:
+    if name not in zoo.WEIGHTS:
         return f"**{Path(name).name}**: a local checkpoint."
-    w, c = glean.WEIGHTS[name], glean.WEIGHTS[name].config
+    w, c = zoo.WEIGHTS[name], zoo.WEIGHTS[name].config
     return (f"**{name}**: {c['in_size']}x{c['in_size']} -> {c['out_size']}x{c['out_size']}, {w.category}. "
             f"Inputs of another size are centre-cropped and resized to {c['in_size']}x{c['in_size']}. "
             f"Licence: {w.license}.")
@@ -55,10 +57,10 @@ def save_png(image: Image.Image, stem: str) -> str:
 
 def bicubic_baseline(model: glean.GLEAN, image: Image.Image) -> Image.Image:
     """What the model sees (cropped and resized to in_size), enlarged with MATLAB bicubic: the 'before'."""
-    a, _ = infer.from_pil(image.convert("RGB"))
+    a, _ = images.from_pil(image.convert("RGB"))
     rgb, _, _ = infer.split(a)
     lr, _ = infer.fit(rgb, model.cfg.in_size, strict=False, pad=False, notes=[])
-    up = glean.imresize(lr, size=model.cfg.out_size).clamp(0, 1)
+    up = images.imresize(lr, size=model.cfg.out_size).clamp(0, 1)
     return Image.fromarray((up.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
@@ -68,7 +70,7 @@ def upscale(image, name: str):
     model = get_model(name)
     try:
         out = infer.upscale(model, image)
-    except infer.InputError as e:
+    except images.InputError as e:
         raise gr.Error(str(e)) from e
     before = bicubic_baseline(model, image)
     return (before, out.convert("RGB")), save_png(out, "upscaled"), describe(name)
@@ -85,7 +87,7 @@ def retouch(edited, name: str):
     if layers and any(layer[..., 3].any() for layer in layers):
         mask = (np.max([layer[..., 3] for layer in layers], axis=0) > 0).astype(np.float32)[..., None]
     out = infer.retouch_arrays(model, background, mask)
-    result = infer.to_pil(out)
+    result = images.to_pil(out)
     return result, save_png(result, "retouched")
 
 
@@ -94,12 +96,12 @@ def example_files() -> list:
     folder = Path(tempfile.gettempdir()) / "glean-examples"
     folder.mkdir(exist_ok=True)
     paths = []
-    for name in infer.EXAMPLES:
+    for name in images.EXAMPLES:
         path = folder / f"{name}.png"
         if not path.exists():
             try:
-                infer.example_image(name).save(path)
-            except infer.InputError:
+                images.example_image(name).save(path)
+            except images.InputError:
                 continue  # scikit-image not installed: no examples
         paths.append([str(path)])
     return paths

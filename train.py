@@ -26,21 +26,21 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 import glean
+import glean_fast
+import images
 import stylegan2
+import zoo
 from evaluate import LPIPS, psnr
 from glean_io import CheckpointError, load_file, save_file
-
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
-
+from images import IMAGE_EXTS, InputError, box_fits, image_size, imresize, read_rgb, square
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
@@ -160,53 +160,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 
 def list_images(folder) -> list:
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    files = images.list_images(folder)
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found in {folder}")
     return files
-
-
-def read_rgb(path) -> torch.Tensor:
-    """An image file as float RGB [3, H, W] in [0, 1] (EXIF orientation applied, grey/palette/alpha to RGB)."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I"):
-            t = torch.from_numpy(np.asarray(im, dtype=np.float32)) / 65535.0
-            return t[None].expand(3, -1, -1).contiguous()
-        im = im.convert("RGB")
-        t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3)
-    return t.permute(2, 0, 1).float() / 255.0
-
-
-def image_size(path) -> tuple | None:
-    """(H, W) of an image file as read_rgb returns it (EXIF rotation applied), from its header only; None if
-    unreadable (the dataset reports and skips such files when it loads them)."""
-    try:
-        with Image.open(path) as im:
-            W, H = im.size
-            return (W, H) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (H, W)
-    except (OSError, UnidentifiedImageError, ValueError):
-        return None
-
-
-def box_fits(box: tuple, H: int, W: int) -> bool:
-    left, top, s = box
-    return s > 0 and 0 <= left and left + s <= W and 0 <= top and top + s <= H
-
-
-def square(img: torch.Tensor, size: int, box: tuple = ()) -> torch.Tensor:
-    """Crop [C, H, W] to the square box (left, top, side) (default: the centre square) and resize it to
-    size x size with MATLAB's bicubic (antialiased)."""
-    _, H, W = img.shape
-    if box:
-        if not box_fits(box, H, W):
-            raise ValueError(f"crop box (left, top, size) {tuple(box)} does not fit in the {W}x{H} image")
-        left, top, s = box
-    else:
-        s = min(H, W)
-        left, top = (W - s) // 2, (H - s) // 2
-    img = img[:, top:top + s, left:left + s]
-    return img if s == size else glean.imresize(img, size=size).clamp(0, 1)
 
 
 def jitter_box(box: tuple, H: int, W: int, jitter: float, g: torch.Generator) -> tuple:
@@ -236,7 +193,7 @@ def degrade(hr: torch.Tensor, in_size: int, g: torch.Generator) -> torch.Tensor:
     kernel = torch.exp(-0.5 * ((xr / sx) ** 2 + (yr / sy) ** 2))
     kernel = (kernel / kernel.sum())[None, None].expand(3, 1, k, k)
     blurred = F.conv2d(F.pad(hr[None], [k // 2] * 4, mode="reflect"), kernel, groups=3)[0]
-    lr = glean.imresize(blurred, size=in_size)
+    lr = imresize(blurred, size=in_size)
     lr = lr + torch.randn(lr.shape, generator=g) * u(0, 25) / 255
     im = Image.fromarray((lr.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
     buf = io.BytesIO()
@@ -248,7 +205,7 @@ def degrade(hr: torch.Tensor, in_size: int, g: torch.Generator) -> torch.Tensor:
 
 class SRDataset(torch.utils.data.Dataset):
     """HR images from a folder (any size and format Pillow reads): centre-cropped square, resized to out_size; the
-    LR made on the fly with MATLAB bicubic (`glean.imresize`), optionally degraded, or read from a paired folder.
+    LR made on the fly with MATLAB bicubic (`images.imresize`), optionally degraded, or read from a paired folder.
 
     Items are addressed by (index, epoch): their random flip and degradation come from a generator seeded by
     (seed, epoch, index), so a run is reproducible whatever the number of workers and resumes exactly. A file that
@@ -300,7 +257,7 @@ class SRDataset(torch.utils.data.Dataset):
             elif self.degrade:
                 lr = degrade(hr, self.in_size, g)
             else:
-                lr = glean.imresize(hr, size=self.in_size)
+                lr = imresize(hr, size=self.in_size)
             item["lr"] = lr
         if flip:
             item = {k: v.flip(-1) for k, v in item.items()}
@@ -314,7 +271,7 @@ class SRDataset(torch.utils.data.Dataset):
                 continue
             try:
                 return self.load(k, epoch)
-            except (OSError, UnidentifiedImageError, ValueError, RuntimeError) as e:
+            except (InputError, OSError, ValueError, RuntimeError) as e:
                 self.bad.add(self.files[k])
                 print(f"warning: skipping unreadable image {self.files[k]} ({e})", file=sys.stderr, flush=True)
         raise UserError(f"no readable image among {len(self.files)} files")
@@ -646,14 +603,15 @@ def load_init(name: str) -> glean.GLEAN:
     """--init: the trained GLEAN to start from (this project's format, or a registered name). Cached: `resolve`
     reads its config, `train_glean` its weights (and then clears the cache)."""
     try:
-        return glean.GLEAN.load(glean.weights_file(name))
+        return glean_fast.GLEANFast.load(zoo.weights_file(name))
     except CheckpointError as e:
         raise UserError(f"--init {name}: {e}") from e
 
 
 def build_glean(cfg: TrainConfig) -> glean.GLEAN:
+    """The network to train: glean_fast.GLEANFast, the reference network (glean.GLEAN) computed faster."""
     mcfg = glean.GLEANConfig.from_dict({"out_size": cfg.out_size, "in_size": cfg.out_size // cfg.scale, **cfg.model})
-    return glean.GLEAN(mcfg)
+    return glean_fast.GLEANFast(mcfg)
 
 
 def load_discriminator(D: stylegan2.Discriminator, spec: str, bank: str) -> None:
@@ -664,7 +622,7 @@ def load_discriminator(D: stylegan2.Discriminator, spec: str, bank: str) -> None
     source = spec or bank
     if not source:
         return
-    ckpt = load_file(glean.weights_file(source))
+    ckpt = load_file(zoo.weights_file(source))
     sd = ckpt.get("state_dict", ckpt)
     if any(k.startswith("discriminator.") for k in sd):
         stylegan2.load_official(D, sd, "discriminator.")
@@ -677,7 +635,7 @@ def load_discriminator(D: stylegan2.Discriminator, spec: str, bank: str) -> None
 
 def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
     run = Path(cfg.out)
-    bank_file = glean.weights_file(cfg.bank) if cfg.bank and state is None else None   # fail before building
+    bank_file = zoo.weights_file(cfg.bank) if cfg.bank and state is None else None   # fail before building
     torch.manual_seed(cfg.seed)                                             # the same initial weights everywhere
     G = build_glean(cfg)
     if cfg.init and state is None:                  # fine-tune: every weight (bank included) from a trained GLEAN
@@ -816,7 +774,7 @@ def validate(G: glean.GLEAN, val: SRDataset, env: Env, log: Logger, step: int, l
         if lpips is not None:
             dists.append(float(lpips(y_hat.clamp(-1, 1), y)))
         if len(rows) < 4:
-            bicubic = glean.imresize(x, size=y.shape[-1]).clamp(-1, 1)
+            bicubic = imresize(x, size=y.shape[-1]).clamp(-1, 1)
             rows.append(torch.cat([bicubic, y_hat.clamp(-1, 1), y], dim=-1)[0])
     G.train()
     score = sum(scores) / len(scores)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import glean
+import glean_fast
 import glean_io
 import stylegan2
 from conftest import DATA, tiny_cfg
@@ -38,10 +39,14 @@ def test_released_layout_loads_strictly(name):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == \
         m["summary"]["num_trainable_parameters"] - sum(  # fusion_skip is frozen: it cannot influence the output
             e["numel"] for e in m["state_dict"] if "fusion_skip" in e["key"])
-    nhwc = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
-    modulated = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, stylegan2.ModulatedConv2d)}
-    for ours_key, theirs in model.official_names().items():
-        if ours_key in nhwc:         # re-laid out once to NHWC, like the activations
+    for ours_key, theirs in model.official_names().items():      # the reference takes every tensor without a copy
+        assert ours[ours_key].data_ptr() == sd[theirs].data_ptr()
+    fast = glean_fast.GLEANFast.from_official({"meta": {}, "state_dict": sd}, m["constructor_kwargs"])
+    ours = fast.state_dict()
+    nhwc = {f"{n}.weight" for n, m in fast.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    modulated = {f"{n}.weight": m for n, m in fast.named_modules() if isinstance(m, stylegan2.ModulatedConv2d)}
+    for ours_key, theirs in fast.official_names().items():
+        if ours_key in nhwc:         # the fast path re-lays conv weights out once to NHWC, like the activations
             assert ours[ours_key].is_contiguous(memory_format=torch.channels_last)
         elif ours_key in modulated:  # NHWC as the convolution (or the transposed one) takes it
             w = ours[ours_key][0].transpose(0, 1) if modulated[ours_key].upsample else ours[ours_key][0]

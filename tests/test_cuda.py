@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-import glean
+import glean_fast
 from conftest import DATA, ROOT, tiny_cfg
 from test_golden import golden_model
 
@@ -26,8 +26,9 @@ def golden_io():
     return torch.load(DATA / "golden_in16_out64_io.pt", weights_only=True)
 
 
-def test_golden_output_matches_official_on_cuda():
-    model = golden_model()[0].cuda()
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_golden_output_matches_official_on_cuda(fast):
+    model = golden_model(fast)[0].cuda()
     io = golden_io()
     with torch.no_grad():
         out = model(io["input"].cuda()).cpu()
@@ -39,7 +40,7 @@ def test_golden_output_matches_official_on_cuda():
 def test_cuda_equals_cpu(strip_elems):
     """Random weights, 8 -> 64: the CUDA forward (whole image or on strips of rows) equals the CPU forward."""
     torch.manual_seed(0)
-    model = glean.GLEAN(tiny_cfg(8, 64)).eval()
+    model = glean_fast.GLEANFast(tiny_cfg(8, 64)).eval()
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     with torch.no_grad():
         expected = model(x)
@@ -52,7 +53,7 @@ def test_cuda_equals_cpu(strip_elems):
 def test_autocast_close_to_fp32(dtype, max_err, mean_err):
     """Mixed precision (as bench.py --amp runs it) stays close to the fp32 output: fp16 keeps ~3
     decimal digits per value, bf16 ~2."""
-    model = golden_model()[0].cuda()
+    model = golden_model(fast=True)[0].cuda()
     x = golden_io()["input"].cuda()
     with torch.no_grad():
         ref = model(x)
@@ -65,7 +66,7 @@ def test_autocast_close_to_fp32(dtype, max_err, mean_err):
 
 def test_training_step_on_cuda_updates_only_trainable_weights():
     torch.manual_seed(0)
-    model = glean.GLEAN(tiny_cfg(8, 32)).cuda().train()
+    model = glean_fast.GLEANFast(tiny_cfg(8, 32)).cuda().train()
     bank_before = {k: v.clone() for k, v in model.bank.state_dict().items()}
     trainable = model.trainable_parameters()
     before = [p.detach().clone() for p in trainable]

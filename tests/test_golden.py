@@ -3,18 +3,24 @@ import json
 
 import torch
 
+import pytest
+
 import glean
+import glean_fast
 from conftest import DATA
 
 
-def golden_model():
+def golden_model(fast: bool = False):
     meta = json.loads((DATA / "golden_in16_out64.json").read_text())
     kwargs = dict(meta["constructor_kwargs"], channel_base=meta["stylegan_channel_table_override"]["channel_base"])
-    return glean.GLEAN.from_official(DATA / "golden_in16_out64_ckpt.pth", glean.GLEANConfig(**kwargs)), meta
+    cls = glean_fast.GLEANFast if fast else glean.GLEAN
+    return cls.from_official(DATA / "golden_in16_out64_ckpt.pth", glean.GLEANConfig(**kwargs)), meta
 
 
-def test_golden_output_matches_official():
-    model, meta = golden_model()
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_golden_output_matches_official(fast):
+    """Both paths, the reference (glean.py) and the fast one (glean_fast.py), against the official output."""
+    model, meta = golden_model(fast)
     io = torch.load(DATA / "golden_in16_out64_io.pt", weights_only=True)
     with torch.no_grad():
         out = model(io["input"])
@@ -45,8 +51,9 @@ def test_outputs_not_influenced_by_skipped_branches_match_official_list():
     assert unused == sorted(meta["params_with_zero_grad_wrt_output"])
 
 
-def test_deterministic_and_train_mode_equal():
-    model, _ = golden_model()
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_deterministic_and_train_mode_equal(fast):
+    model, _ = golden_model(fast)
     x = torch.load(DATA / "golden_in16_out64_io.pt", weights_only=True)["input"]
     with torch.no_grad():
         a = model.eval()(x)

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import glean
+import images
+import zoo
 import glean_io
 from evaluate import psnr
 import stylegan2
@@ -24,14 +26,14 @@ def test_entries_listed_and_documented():
     assert names == ENTRIES
     assert set(hubconf.dependencies) >= {"torch", "safetensors"}
     for name in names:
-        doc, w = getattr(hubconf, name).__doc__, glean.WEIGHTS[name]
+        doc, w = getattr(hubconf, name).__doc__, zoo.WEIGHTS[name]
         assert w.url in doc and w.license in doc and f"{w.config['out_size']}x{w.config['out_size']}" in doc
 
 
 @pytest.mark.parametrize("name", ENTRIES)
 def test_every_entry_loads_with_random_weights(name):
     model = torch.hub.load(str(ROOT), name, source="local", pretrained=False)
-    cfg = glean.WEIGHTS[name].config
+    cfg = zoo.WEIGHTS[name].config
     if name.startswith("stylegan2"):
         assert isinstance(model, stylegan2.Generator) and model.cfg.out_size == cfg["out_size"]
     else:
@@ -49,16 +51,16 @@ def test_pretrained_through_file_url(tmp_path, monkeypatch):
     sha = glean_io.sha256_of(ckpt)
     config = dict(meta["constructor_kwargs"], channel_base=64)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setitem(glean.WEIGHTS, "glean_cat_16x", dataclasses.replace(
-        glean.WEIGHTS["glean_cat_16x"], url=ckpt.as_uri(), sha256=sha[:8], config=config))
+    monkeypatch.setitem(zoo.WEIGHTS, "glean_cat_16x", dataclasses.replace(
+        zoo.WEIGHTS["glean_cat_16x"], url=ckpt.as_uri(), sha256=sha[:8], config=config))
     model = torch.hub.load(str(ROOT), "glean_cat_16x", source="local", progress=False)
     io = torch.load(DATA / "golden_in16_out64_io.pt", weights_only=True)
     with torch.no_grad():
         assert (model(io["input"]) - io["output"]).abs().max() <= 1e-4
     cached = tmp_path / "torch_home" / "hub" / "checkpoints" / ckpt.name
     assert cached.is_file()
-    monkeypatch.setitem(glean.WEIGHTS, "glean_cat_16x", dataclasses.replace(
-        glean.WEIGHTS["glean_cat_16x"], url=ckpt.as_uri(), sha256="0badf00d", config=config))
+    monkeypatch.setitem(zoo.WEIGHTS, "glean_cat_16x", dataclasses.replace(
+        zoo.WEIGHTS["glean_cat_16x"], url=ckpt.as_uri(), sha256="0badf00d", config=config))
     with pytest.raises(glean_io.CheckpointError, match="hash check"):
         torch.hub.load(str(ROOT), "glean_cat_16x", source="local", progress=False)
 
@@ -72,14 +74,14 @@ def offline(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"tried to download: {args}")
     monkeypatch.setattr(glean_io, "download", refuse)
-    monkeypatch.setattr(glean, "download", refuse)
+    monkeypatch.setattr(zoo, "download", refuse)
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
 
 
 def test_shipped_weights_are_small_and_the_default(offline):
-    shipped = {n: w for n, w in glean.WEIGHTS.items() if "://" not in w.url}
-    assert glean.DEFAULT_MODEL in shipped and "stylegan2_celeba_64" in shipped
-    files = [glean.weights_file(n) for n in shipped]                   # hash-checked
+    shipped = {n: w for n, w in zoo.WEIGHTS.items() if "://" not in w.url}
+    assert zoo.DEFAULT_MODEL in shipped and "stylegan2_celeba_64" in shipped
+    files = [zoo.weights_file(n) for n in shipped]                   # hash-checked
     assert sum(f.stat().st_size for f in files) <= 30 * 10 ** 6
     assert all(f.suffix == ".safetensors" for f in files)
 
@@ -87,34 +89,34 @@ def test_shipped_weights_are_small_and_the_default(offline):
 def test_default_model_loads_offline_and_beats_bicubic_on_bank_faces(offline):
     """torch.hub.load('.', default, source='local') with no network; on faces drawn from its own (shipped) latent
     bank, shrunk to 8x8 with MATLAB bicubic, the 8x output is closer to the original than bicubic upscaling."""
-    model = torch.hub.load(str(ROOT), glean.DEFAULT_MODEL, source="local")
+    model = torch.hub.load(str(ROOT), zoo.DEFAULT_MODEL, source="local")
     bank = torch.hub.load(str(ROOT), "stylegan2_celeba_64", source="local")
     assert (model.cfg.in_size, model.cfg.out_size) == (8, 64)
     for k, v in bank.state_dict().items():                            # the same bank inside the GLEAN model
         torch.testing.assert_close(model.bank.state_dict()[k], v, rtol=0, atol=0)
     with torch.no_grad():
         y = bank.sample(16, seed=0, truncation=0.7).clamp(-1, 1)
-        x = glean.imresize(y, size=8)
+        x = images.imresize(y, size=8)
         y_hat = model(x).clamp(-1, 1)
-    bicubic = glean.imresize(x, size=64).clamp(-1, 1)
+    bicubic = images.imresize(x, size=64).clamp(-1, 1)
     ours, theirs = float(psnr(y_hat, y).mean()), float(psnr(bicubic, y).mean())
     assert ours > theirs + 1.0, (ours, theirs)
 
 
 def test_damaged_shipped_file_is_named(tmp_path, monkeypatch, offline):
-    w = glean.WEIGHTS[glean.DEFAULT_MODEL]
-    monkeypatch.setitem(glean.WEIGHTS, glean.DEFAULT_MODEL, dataclasses.replace(w, sha256="0badf00d"))
+    w = zoo.WEIGHTS[zoo.DEFAULT_MODEL]
+    monkeypatch.setitem(zoo.WEIGHTS, zoo.DEFAULT_MODEL, dataclasses.replace(w, sha256="0badf00d"))
     with pytest.raises(glean_io.CheckpointError, match=f"damaged.*git checkout -- {w.url}"):
-        glean.load_pretrained(glean.DEFAULT_MODEL)
-    monkeypatch.setitem(glean.WEIGHTS, glean.DEFAULT_MODEL, dataclasses.replace(w, url="weights/missing.safetensors"))
+        zoo.load_pretrained(zoo.DEFAULT_MODEL)
+    monkeypatch.setitem(zoo.WEIGHTS, zoo.DEFAULT_MODEL, dataclasses.replace(w, url="weights/missing.safetensors"))
     with pytest.raises(glean_io.CheckpointError, match="weights/missing.safetensors is missing"):
-        glean.load_pretrained(glean.DEFAULT_MODEL)
+        zoo.load_pretrained(zoo.DEFAULT_MODEL)
 
 
 def test_loading_builds_on_meta_without_torch_lazy_imports():
     """Loading the default model draws no random numbers and does no meta-tensor arithmetic: those would import
     torch._dynamo on first use (about a second of a cold start, for weights that are then overwritten)."""
-    code = ("import sys, glean; m = glean.GLEAN.load(glean.weights_file(glean.DEFAULT_MODEL)); "
+    code = ("import sys, zoo; m = zoo.load_pretrained(zoo.DEFAULT_MODEL); "
             "assert not any(p.is_meta for p in m.state_dict().values()); "
             "print('torch._dynamo' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

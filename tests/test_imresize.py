@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from glean import cubic, imresize, resize_matrix
+from images import cubic, imresize, resize_matrix
 
 # MATLAB's bicubic kernel (Keys, a = -0.5) at the distances a 2x upscale samples: 1/4, 3/4, 5/4, 7/4
 K = {0.25: 0.8671875, 0.75: 0.2265625, 1.25: -0.0703125, 1.75: -0.0234375}

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import glean
+import zoo
 import infer
 from conftest import tiny_cfg
 
@@ -127,7 +128,7 @@ def test_unwritable_output_folder(model_file, tmp_path, capsys):
 def test_unknown_model_lists_valid_ones(tmp_path, capsys):
     assert run(["-i", tmp_path, "-o", tmp_path / "out", "-m", "glean_dog_64x"]) == 2
     err = capsys.readouterr().err
-    assert "unknown model 'glean_dog_64x'" in err and all(name in err for name in glean.WEIGHTS)
+    assert "unknown model 'glean_dog_64x'" in err and all(name in err for name in zoo.WEIGHTS)
 
 
 def test_missing_input_and_half_on_cpu(model_file, tmp_path, capsys):
@@ -184,7 +185,7 @@ def test_example_images():
 def test_readme_first_command_uses_the_shipped_model(tmp_path, monkeypatch):
     """`python infer.py -i example:astronaut -o results`: the default (shipped) model, no download, 8x8 -> 64x64."""
     pytest.importorskip("skimage")
-    monkeypatch.setattr(glean, "download", lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(zoo, "download", lambda *a, **k: pytest.fail("tried to download"))
     assert run(["-i", "example:astronaut", "-o", tmp_path / "results"]) == 0
     (out,) = (tmp_path / "results").iterdir()
     with Image.open(out) as im:

@@ -118,24 +118,3 @@ def test_minibatch_stddev(rng):
         std = torch.sqrt(groups[:, m].var(dim=0, unbiased=False) + 1e-8).mean()
         for b in range(m, 8, 2):
             torch.testing.assert_close(y[b, 3], std.expand(4, 4))
-
-
-@pytest.mark.parametrize("batch,size", [(1, 8), (1, 2), (3, 8)])
-@pytest.mark.parametrize("upsample", [False, True])
-@pytest.mark.parametrize("grad", [False, True])
-def test_fast_paths_match_official_formulation(batch, size, upsample, grad, rng):
-    """One sample on large maps (modulated weight, NHWC), one on small maps and several (modulated activations)
-    against the official grouped conv; StyleConv's folded gain/bias/in-place activation against running its
-    three modules one after the other."""
-    torch.manual_seed(0)
-    layer = stylegan2.StyleConv(6, 5, 3, 7, upsample=upsample).double()
-    layer.noise_injector.weight.data.fill_(0.3)
-    layer.activate.bias.data.normal_()
-    x = torch.randn(batch, 6, size, size, generator=rng, dtype=torch.float64)
-    x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(batch, 7, generator=rng, dtype=torch.float64)
-    noise = torch.randn(1, 1, 2 * size if upsample else size, 2 * size if upsample else size, generator=rng,
-                        dtype=torch.float64)
-    with torch.set_grad_enabled(grad):
-        torch.testing.assert_close(layer.conv(x, w), layer.conv.forward_reference(x, w), atol=1e-12, rtol=1e-12)
-        torch.testing.assert_close(layer(x, w, noise), layer.forward_reference(x, w, noise), atol=1e-12, rtol=1e-12)

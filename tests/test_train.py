@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 import glean
+from images import imresize
+import zoo
 import stylegan2
 import train
 from conftest import ROOT
@@ -90,9 +92,9 @@ def test_glean_stage_with_validation_perceptual_loss_and_a_corrupt_file(images, 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["val/psnr"] for r in rows if "val/psnr" in r]
     assert all(r["loss/percep"] > 0 for r in rows if "loss/percep" in r)
-    model = glean.load_pretrained(train.checkpoints(run)[-1])     # a training checkpoint is a usable model
+    model = zoo.load_pretrained(train.checkpoints(run)[-1])     # a training checkpoint is a usable model
     assert model(torch.zeros(1, 3, 8, 8)).shape == (1, 3, 32, 32)
-    final = glean.load_pretrained(run / "glean.safetensors")      # and so is the finished run's model file
+    final = zoo.load_pretrained(run / "glean.safetensors")      # and so is the finished run's model file
     for k, v in final.state_dict().items():
         torch.testing.assert_close(v, model.state_dict()[k], rtol=0, atol=0)
 
@@ -222,7 +224,7 @@ def test_dataset_and_sampler_are_deterministic(images, tmp_path):
     ds = train.SRDataset(images, 32, 8, seed=3)
     a, b = ds[(4, 7)], ds[(4, 7)]
     assert torch.equal(a["lr"], b["lr"]) and a["hr"].shape == (3, 32, 32) and a["hr"].abs().max() <= 1
-    expected = glean.imresize((a["hr"] + 1) / 2, size=8) * 2 - 1                # LR = MATLAB bicubic of the HR
+    expected = imresize((a["hr"] + 1) / 2, size=8) * 2 - 1                # LR = MATLAB bicubic of the HR
     torch.testing.assert_close(a["lr"], expected, atol=1e-6, rtol=0)
     whole = train.BatchStream(len(ds), 3, 0, 1, seed=1)
     it = iter(whole)
@@ -422,7 +424,7 @@ def test_crop_box_and_its_jitter(images):
     """--crop takes the given square of each image; --crop-jitter moves and scales it per (image, epoch), inside."""
     hr = train.SRDataset(images, 32, flip=False, crop=(2, 3, 30))[(1, 0)]["hr"]
     whole = train.read_rgb(sorted(images.iterdir())[1])
-    torch.testing.assert_close(hr, glean.imresize(whole[:, 3:33, 2:32], size=32).clamp(0, 1) * 2 - 1)
+    torch.testing.assert_close(hr, imresize(whole[:, 3:33, 2:32], size=32).clamp(0, 1) * 2 - 1)
     assert not torch.allclose(hr, train.SRDataset(images, 32, flip=False)[(1, 0)]["hr"])   # not the centre square
     g = torch.Generator().manual_seed(0)
     boxes = {train.jitter_box((2, 3, 30), 40, 36, 0.2, g) for _ in range(200)}

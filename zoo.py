@@ -1,0 +1,131 @@
+"""The model zoo: pretrained weights declared once, for hubconf.py, infer.py, demo.py, evaluate.py and train.py.
+
+Each entry: where the file is (a download address with its sha256 prefix, or a file that ships in `weights/`), what
+it is, the configuration it was made with, what it was trained on and under which licence. `load_pretrained(name)`
+is the one loading function; `weights_file(name)` finds (downloads once, hash-checks) the file itself.
+"""
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import glean
+import glean_fast
+import stylegan2
+from glean_io import CheckpointError, download, load_file, sha256_of
+
+
+@dataclass(frozen=True)
+class Weights:
+    url: str              # download address (http(s), file://) or a path relative to this file
+    sha256: str           # prefix of the file's sha256, checked after download
+    kind: str             # "glean-official" (release layout), "glean" (ours), "stylegan2-official", "stylegan2" (ours)
+    config: dict          # GLEANConfig or stylegan2.GeneratorConfig kwargs
+    category: str         # what the model was trained on
+    license: str          # licence of the weights and of their training data
+    pixel_range: str = "RGB in [-1, 1] (x / 127.5 - 1)"
+    note: str = ""
+
+
+_MMEDIT = "https://download.openmmlab.com/mmediting"
+_APACHE = "weights: Apache-2.0 (OpenMMLab release)"
+_SMALL = dict(style_channels=96, num_mlps=2, channel_multiplier=1, channel_base=96)   # the shipped 64 px bank
+_CELEBA = ("weights: Apache-2.0 (this project); data: CelebA ids 1-10000, non-commercial research purposes only "
+           "(CelebA terms); see weights/MODEL_CARD.md")
+WEIGHTS = {
+    "glean_face_small_8x": Weights(
+        "weights/glean_face_small_8x.safetensors", "1ed45f55", "glean",
+        dict(in_size=8, out_size=64, rrdb_channels=64, num_rrdbs=3, rrdb_growth_channels=32, decoder_channels=64,
+             **_SMALL), "faces (CelebA, 64x64 crops framed like LFW's: face ~60% of the width)", _CELEBA,
+        note="this project's small GLEAN, 8x (8 -> 64), trained on a 2-core CPU; ships with the code, works offline"),
+    "glean_face_16x": Weights(
+        f"{_MMEDIT}/restorers/glean/glean_ffhq_16x_20210527-61a3afad.pth", "61a3afad", "glean-official",
+        dict(in_size=64, out_size=1024), "faces (FFHQ)", f"{_APACHE}; data: FFHQ, CC BY-NC-SA 4.0",
+        note="official GLEAN, 16x (64 -> 1024), bicubic (MATLAB) degradation"),
+    "glean_face_in128_8x": Weights(
+        f"{_MMEDIT}/restorers/glean/glean_in128out1024_4x2_300k_ffhq_celebahq_20210812-acbcb04f.pth", "acbcb04f",
+        "glean-official", dict(in_size=128, out_size=1024), "faces (FFHQ + CelebA-HQ)",
+        f"{_APACHE}; data: FFHQ (CC BY-NC-SA 4.0), CelebA-HQ (non-commercial research)",
+        note="official GLEAN, 8x (128 -> 1024), trained with real-world degradations (blur, noise, JPEG)"),
+    "glean_cat_8x": Weights(
+        f"{_MMEDIT}/restorers/glean/glean_cat_8x_20210614-d3ac8683.pth", "d3ac8683", "glean-official",
+        dict(in_size=32, out_size=256), "cats (LSUN cat)", f"{_APACHE}; data: LSUN, research use",
+        note="official GLEAN, 8x (32 -> 256)"),
+    "glean_cat_16x": Weights(
+        f"{_MMEDIT}/restorers/glean/glean_cat_16x_20210527-68912543.pth", "68912543", "glean-official",
+        dict(in_size=16, out_size=256), "cats (LSUN cat)", f"{_APACHE}; data: LSUN, research use",
+        note="official GLEAN, 16x (16 -> 256)"),
+    "stylegan2_ffhq_1024": Weights(
+        f"{_MMEDIT}/stylegan2/official_weights/stylegan2-ffhq-config-f-official_20210327_171224-bce9310c.pth",
+        "bce9310c", "stylegan2-official", dict(out_size=1024), "faces (FFHQ)",
+        "NVIDIA Source Code License-NC (non-commercial); data: FFHQ, CC BY-NC-SA 4.0",
+        note="official StyleGAN2 config-f converted by OpenMMLab: the latent bank of the face models"),
+    "stylegan2_cat_256": Weights(
+        f"{_MMEDIT}/stylegan2/official_weights/stylegan2-cat-config-f-official_20210327_172444-15bc485b.pth",
+        "15bc485b", "stylegan2-official", dict(out_size=256), "cats (LSUN cat)",
+        "NVIDIA Source Code License-NC (non-commercial); data: LSUN, research use",
+        note="official StyleGAN2 config-f converted by OpenMMLab: the latent bank of the cat models"),
+    "stylegan2_celeba_64": Weights(
+        "weights/stylegan2_celeba_64.safetensors", "1315473a", "stylegan2", dict(out_size=64, **_SMALL),
+        "faces (CelebA, 64x64 centre crops)", _CELEBA,
+        note="this project's small StyleGAN2 (64 px), trained with train.py --stage bank: the latent bank of "
+             "glean_face_small_8x; ships with the code"),
+}
+
+DEFAULT_MODEL = "glean_face_small_8x"   # what infer.py, demo.py and torch.hub users get without naming a model
+
+
+def shipped_file(w: Weights) -> Path:
+    """A file that ships with the code: next to this file (a clone, an editable install, torch.hub) or in
+    <prefix>/share/glean-sr/ (a wheel install); hash-checked, so a Git LFS pointer or a damaged copy is named."""
+    places = [Path(__file__).resolve().parent / w.url, Path(sys.prefix) / "share" / "glean-sr" / w.url]
+    path = next((p for p in places if p.is_file()), None)
+    if path is None:
+        raise CheckpointError(f"{w.url} is missing (looked in {', '.join(str(p.parent) for p in places)}); "
+                              f"reinstall the package or clone the repository again")
+    if not sha256_of(path).startswith(w.sha256):
+        raise CheckpointError(f"{path} is damaged (sha256 does not start with {w.sha256}); restore it with "
+                              f"git checkout -- {w.url} or reinstall the package")
+    return path
+
+
+def weights_file(name_or_path, progress: bool = True) -> Path:
+    """A registered weights name -> its local file (downloaded once into the torch.hub cache, hash-checked, or
+    shipped with the code); any other string is taken as a path and must exist."""
+    if name_or_path in WEIGHTS:
+        w = WEIGHTS[name_or_path]
+        if "://" not in w.url:
+            return shipped_file(w)
+        return download(w.url, w.sha256, progress=progress)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise CheckpointError(f"'{name_or_path}' is neither a registered model ({', '.join(WEIGHTS)}) "
+                              f"nor an existing file")
+    return path
+
+
+def load_pretrained(name_or_path, *, fast: bool = True, progress: bool = True) -> glean.GLEAN:
+    """A GLEAN model from a registered name (see WEIGHTS) or a checkpoint file (this project's format, a training
+    checkpoint of train.py, or an official release file when it has `generator.` keys), in eval mode on the CPU.
+    fast=True (the default) gives glean_fast.GLEANFast, the same network computed faster; False the reference."""
+    cls = glean_fast.GLEANFast if fast else glean.GLEAN
+    if name_or_path in WEIGHTS:
+        w = WEIGHTS[name_or_path]
+        if not w.kind.startswith("glean"):
+            raise ValueError(f"'{name_or_path}' is a {w.kind} latent bank, not a GLEAN model")
+        path = weights_file(name_or_path, progress)
+        return cls.from_official(path, glean.GLEANConfig(**w.config)) if w.kind == "glean-official" else cls.load(path)
+    ckpt = load_file(weights_file(name_or_path))
+    meta = ckpt.get("metadata", ckpt)
+    if meta.get("format") == "glean":
+        return cls.load(ckpt)
+    if meta.get("format") == "glean-train":                   # a training checkpoint of train.py
+        return cls.load({"format": "glean", "config": ckpt["model_config"], "state_dict": ckpt["model"]})
+    raise CheckpointError(f"{name_or_path}: not a GLEAN checkpoint of this project; for an official release file "
+                          f"use GLEAN.from_official(path, GLEANConfig(in_size=..., out_size=...))")
+
+
+def load_bank(name_or_path, *, progress: bool = True) -> stylegan2.Generator:
+    """A StyleGAN2 generator (a latent bank) from a registered name or a file of any format stylegan2 reads."""
+    if name_or_path in WEIGHTS and not WEIGHTS[name_or_path].kind.startswith("stylegan2"):
+        raise ValueError(f"'{name_or_path}' is a GLEAN model, not a latent bank")
+    return stylegan2.load_generator(weights_file(name_or_path, progress))
