@@ -110,15 +110,35 @@ def modulated_conv(layer: stylegan2.ModulatedConv2d, x: torch.Tensor, w: torch.T
     return out * d if bias is None else torch.addcmul(bias.view(1, -1, 1, 1).to(out.dtype), out, d)
 
 
-def style_conv(layer: stylegan2.StyleConv, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def style_conv(layer: stylegan2.StyleConv, x: torch.Tensor, w: torch.Tensor, noise=None) -> torch.Tensor:
     """layer(x, w, noise): leaky ReLU is positively homogeneous, lrelu(y) sqrt 2 = lrelu(sqrt 2 y), so the gain is
     folded into the conv and the bias added inside it; at high resolution only two passes remain (noise,
-    activation), in place at inference."""
+    activation), in place at inference. noise None: fresh N(0, 1) noise, as StyleConv draws it."""
     out = modulated_conv(layer.conv, x, w, gain=SQRT2, bias=layer.activate.bias * SQRT2)
+    if noise is None:
+        B, _, H, W = out.shape
+        noise = torch.randn(B, 1, H, W, device=out.device, dtype=out.dtype)
     noise = noise * (layer.noise_injector.weight * SQRT2)                       # [B or 1, 1, H, W]
     if torch.is_grad_enabled():
         return F.leaky_relu(out + noise, 0.2)
     return F.leaky_relu_(out.add_(noise), 0.2)                                  # in place: no new allocation
+
+
+class GeneratorFast(stylegan2.Generator):
+    """stylegan2.Generator with the fast style layers: what train.py's bank stage trains (a batch of 16 at 64 px
+    steps ~1.5x faster than through the grouped convolution). Same modules, keys and results (tested)."""
+
+    def synthesis(self, latents: torch.Tensor, noise="random") -> torch.Tensor:
+        B = latents.shape[0]
+        assert_shape(latents, [B, self.num_latents, self.cfg.style_channels])
+        noise = self.noises() if noise == "const" else [None] * self.num_injected_noises if noise == "random" else noise
+        x = style_conv(self.conv1, self.constant_input(B), latents[:, 0], noise[0])    # [B, C4, 4, 4]
+        skip = self.to_rgb1(x, latents[:, 1])                                           # [B, 3, 4, 4]
+        for k, to_rgb in enumerate(self.to_rgbs):
+            x = style_conv(self.convs[2 * k], x, latents[:, 2 * k + 1], noise[2 * k + 1])   # [B, C_r, r, r]
+            x = style_conv(self.convs[2 * k + 1], x, latents[:, 2 * k + 2], noise[2 * k + 2])
+            skip = to_rgb(x, latents[:, 2 * k + 3], skip)                               # [B, 3, r, r]
+        return skip
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -791,7 +791,7 @@ def train_bank(cfg: TrainConfig, env: Env, state: dict | None) -> None:
     run = Path(cfg.out)
     torch.manual_seed(cfg.seed)                                             # the same initial weights everywhere
     gcfg = stylegan2.GeneratorConfig(**{"out_size": cfg.out_size, **cfg.model})
-    G = stylegan2.Generator(gcfg).to(env.device)
+    G = glean_fast.GeneratorFast(gcfg).to(env.device)                     # stylegan2.Generator, faster
     D = stylegan2.Discriminator(stylegan2.DiscriminatorConfig(
         in_size=cfg.out_size, channel_multiplier=gcfg.channel_multiplier, channel_base=gcfg.channel_base,
         mbstd_group_size=min(4, cfg.batch))).to(env.device)

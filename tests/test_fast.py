@@ -143,6 +143,27 @@ def test_fast_style_layers_match_plain(batch, size, upsample, grad, rng):
                                    atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("noise", ["const", "random"])
+def test_fast_generator_equals_plain(noise):
+    """GeneratorFast (the bank stage's generator): same images and gradients as stylegan2.Generator."""
+    torch.manual_seed(0)
+    cfg = stylegan2.GeneratorConfig(out_size=32, style_channels=16, num_mlps=2, channel_multiplier=1, channel_base=16)
+    plain = position_dependent_noise_(stylegan2.Generator(cfg))
+    fast = glean_fast.GeneratorFast(cfg)
+    fast.load_state_dict(plain.state_dict())
+    z = torch.randn(3, 16)
+    out = []
+    for G in (plain, fast):
+        torch.manual_seed(1)                                   # the same random noise for both
+        G.zero_grad()
+        y = G([z, z.flip(0)], inject_index=3, noise=noise)
+        y.square().mean().backward()
+        out.append((y, {n: p.grad for n, p in G.named_parameters()}))
+    torch.testing.assert_close(out[1][0], out[0][0], atol=1e-5, rtol=1e-5)
+    for n, g in out[0][1].items():
+        torch.testing.assert_close(out[1][1][n], g, atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_demodulation_norms_cached_until_the_weight_changes():
     torch.manual_seed(0)
     conv = stylegan2.ModulatedConv2d(4, 3, 3, 5)
