@@ -96,10 +96,18 @@ class GLEANConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GLEANConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown GLEANConfig fields: {unknown}")
+        """A config from plain data (e.g. a checkpoint's), its field names and value types checked first."""
+        known = {f.name: f.default for f in fields(cls)}
+        unknown = sorted(map(str, set(d) - set(known))) if isinstance(d, dict) else None
+        if unknown is None or unknown:
+            raise ValueError(f"unknown GLEANConfig fields: {unknown}" if unknown else "a config must be a dict")
+        for k, v in d.items():
+            default, is_int = known[k], lambda t: isinstance(t, int) and not isinstance(t, bool)  # noqa: E731
+            ok = (isinstance(v, bool) if isinstance(default, bool) else
+                  isinstance(v, (tuple, list)) and all(map(is_int, v)) if isinstance(default, tuple) else
+                  is_int(v) or isinstance(v, float) if isinstance(default, float) else v is None or is_int(v))
+            if not ok:
+                raise ValueError(f"GLEANConfig field {k} = {v!r} has the wrong type")
         return cls(**d)
 
 
@@ -294,16 +302,17 @@ class GLEAN(nn.Module):
         return names
 
     @classmethod
-    def from_official(cls, checkpoint, cfg: GLEANConfig | dict | None = None) -> "GLEAN":
-        """Load an official GLEAN release checkpoint ({'meta', 'state_dict'} with `generator.` keys; path or dict).
+    def from_official(cls, checkpoint, cfg: GLEANConfig | dict | None = None, *, source: str = "") -> "GLEAN":
+        """Load an official GLEAN release checkpoint ({'meta', 'state_dict'} with `generator.` keys; path or dict,
+        `source` naming a dict's file in messages).
 
         Keys outside `generator.` (discriminator, perceptual loss) are ignored; every generator key must match the
         model built from `cfg` (default: GLEANConfig()) in name and shape. Returns the model in eval mode.
         """
         cfg = GLEANConfig.from_dict(cfg) if isinstance(cfg, dict) else (cfg or GLEANConfig())
-        source = str(checkpoint) if not isinstance(checkpoint, dict) else "checkpoint"
+        source = source or (str(checkpoint) if not isinstance(checkpoint, dict) else "checkpoint")
         ckpt = checkpoint if isinstance(checkpoint, dict) else load_file(checkpoint)
-        sd = {k: v for k, v in state_dict_of(ckpt).items() if k.startswith("generator.")}
+        sd = {k: v for k, v in state_dict_of(ckpt, source).items() if isinstance(k, str) and k.startswith("generator.")}
         if not sd:
             raise CheckpointError(f"{source} has no 'generator.' keys: not an official GLEAN release checkpoint "
                                   f"(for this project's own files use GLEAN.load)")
@@ -329,17 +338,27 @@ class GLEAN(nn.Module):
                   {"format": "glean", "config": asdict(self.cfg), "state_dict": sd}, path)
 
     @classmethod
-    def load(cls, checkpoint) -> "GLEAN":
-        """Load this project's format (see `save`); returns the model in eval mode."""
-        source = str(checkpoint) if not isinstance(checkpoint, dict) else "checkpoint"
+    def load(cls, checkpoint, *, source: str = "") -> "GLEAN":
+        """Load this project's format (see `save`; path or loaded dict, `source` naming a dict's file in messages);
+        returns the model in eval mode."""
+        source = source or (str(checkpoint) if not isinstance(checkpoint, dict) else "checkpoint")
         ckpt = checkpoint if isinstance(checkpoint, dict) else load_file(checkpoint)
-        meta = ckpt.get("metadata", ckpt)
+        meta = ckpt["metadata"] if isinstance(ckpt.get("metadata"), dict) else ckpt
         if meta.get("format") != "glean" or "config" not in meta:
             raise CheckpointError(f"{source} is not a GLEAN checkpoint of this project (no format/config entry); "
                                   f"for official release files use GLEAN.from_official")
-        config = meta["config"]
-        config = json.loads(config) if isinstance(config, str) else config
+        sd = state_dict_of(ckpt, source)
+        try:
+            config = meta["config"]
+            cfg = GLEANConfig.from_dict(json.loads(config) if isinstance(config, str) else config)
+        except ValueError as e:                                 # json's errors are ValueErrors too
+            raise CheckpointError(f"{source}: its config is not usable ({e}); the file is damaged or edited") from e
+        count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})  # noqa: E731
+        if count("encoder.0.0.body.") != cfg.num_rrdbs or cfg.uses_bank and count("bank.style_mapping.") != \
+                cfg.num_mlps:           # checked before building: the module count follows these two numbers
+            raise CheckpointError(f"{source}: its config (num_rrdbs={cfg.num_rrdbs}, num_mlps={cfg.num_mlps}) does "
+                                  f"not match its tensors; the file is damaged or edited")
         with torch.device("meta"):
-            model = cls(GLEANConfig.from_dict(config))
-        load_state_strict(model, state_dict_of(ckpt), {k: k for k in model.state_dict()}, source)
+            model = cls(cfg)
+        load_state_strict(model, sd, {k: k for k in model.state_dict()}, source)
         return model.eval()

@@ -9,12 +9,15 @@
 """
 import contextlib
 import hashlib
+import http.client
 import io
 import json
 import os
 import pickle
+import sys
 import tempfile
 import types
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -103,7 +106,12 @@ def torch_load(path, map_location="cpu"):
     mmap = zipfile.is_zipfile(path)  # zip-format files map their tensors instead of reading them into memory
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        if "TorchScript" in str(e):                 # torch's own message would suggest weights_only=False: never
+            raise CheckpointError(f"{path} is a TorchScript archive (a compiled model), not a checkpoint of weights: "
+                                  f"save the model's state_dict() instead") from None
+        if not isinstance(e, pickle.UnpicklingError):
+            raise
         if "Weights only load failed" not in str(e):
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); "
                                   f"re-download or re-export it") from e
@@ -149,11 +157,11 @@ def load_file(path) -> dict:
     return obj
 
 
-def state_dict_of(ckpt: dict) -> dict:
+def state_dict_of(ckpt: dict, source: str = "checkpoint") -> dict:
     """The tensor dict of a loaded checkpoint: ckpt['state_dict'] when present (release/training layout), else ckpt."""
     sd = ckpt.get("state_dict", ckpt)
     if not isinstance(sd, dict):
-        raise CheckpointError(f"checkpoint 'state_dict' is a {type(sd).__name__}, expected a dict of tensors")
+        raise CheckpointError(f"{source}: its 'state_dict' is a {type(sd).__name__}, expected a dict of tensors")
     return sd
 
 
@@ -178,6 +186,11 @@ def load_state_strict(module: torch.nn.Module, file_sd: dict, names: dict, sourc
         elif file_sd[theirs].shape != expected[ours].shape:
             problems.append(f"key '{theirs}' has shape {_fmt(file_sd[theirs].shape)}, "
                             f"expected {_fmt(expected[ours].shape)}")
+        elif expected[ours].is_floating_point() and not file_sd[theirs].is_floating_point():
+            problems.append(f"key '{theirs}' holds {str(file_sd[theirs].dtype).removeprefix('torch.')} values, "
+                            f"expected floating point")
+        elif file_sd[theirs].is_floating_point() and not torch.isfinite(file_sd[theirs]).all():
+            problems.append(f"key '{theirs}' holds NaN or infinite values")
     problems += [f"unexpected key '{k}'" for k in file_sd if k not in to_ours]
     if problems:
         more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
@@ -238,24 +251,62 @@ def sha256_of(path, chunk=1 << 20) -> str:
     return h.hexdigest()
 
 
-def download(url: str, sha256_prefix: str | None = None, *, progress=True, cache_dir=None) -> Path:
+DOWNLOAD_TIMEOUT = 30.0   # seconds a download may wait for the server (to connect, or for the next bytes)
+
+
+def download(url: str, sha256_prefix: str | None = None, *, progress=True, cache_dir=None,
+             timeout: float | None = None, tries: int = 2) -> Path:
     """Download `url` into the torch.hub checkpoint cache (or reuse it) and check its sha256 prefix.
 
-    Works with http(s):// and file:// URLs; the file appears only when complete and verified.
+    Works with http(s):// and file:// URLs; the file appears only when complete and verified. A server that does
+    not answer within `timeout` seconds (DOWNLOAD_TIMEOUT) fails the try; a failed try is repeated once. The error
+    names the exact cache path where a copy downloaded by hand can be put.
     """
     cache = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
-    cache.mkdir(parents=True, exist_ok=True)
     dst = cache / os.path.basename(url.split("?")[0])
     if dst.is_file():
         if sha256_prefix is None or sha256_of(dst).startswith(sha256_prefix):
             return dst
         dst.unlink()  # a stale or corrupt cached copy: fetch again
+    by_hand = f"download it by hand (a browser, curl) and save it as {dst}"
     try:
-        torch.hub.download_url_to_file(url, str(dst), hash_prefix=sha256_prefix, progress=progress)
-    except RuntimeError as e:  # raised by torch.hub on a hash mismatch
-        raise CheckpointError(f"{url}: downloaded file failed its hash check ({e}); try again or download it by "
-                              f"hand and pass the local path") from e
+        cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"could not download {url} ({e}); check the network, or download it by hand and "
-                              f"pass the local path") from e
-    return dst
+        raise CheckpointError(f"cannot create the download cache {cache} ({e.strerror or e}); {by_hand}") from e
+    for attempt in range(1, tries + 1):
+        try:
+            _fetch(url, dst, sha256_prefix, progress, DOWNLOAD_TIMEOUT if timeout is None else timeout)
+            return dst
+        except (OSError, http.client.HTTPException) as e:      # URLError, timeouts and resets are OSErrors
+            reason = getattr(e, "reason", None) or e                # URLError wraps the socket's error
+            if isinstance(reason, TimeoutError):
+                reason = f"no answer within {DOWNLOAD_TIMEOUT if timeout is None else timeout:g} s"
+            if attempt == tries:
+                raise CheckpointError(f"could not download {url} ({reason}); check the network, or {by_hand}") \
+                    from e
+            print(f"download of {url} failed ({reason}); trying again", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _fetch(url: str, dst: Path, sha256_prefix: str | None, progress: bool, timeout: float) -> None:
+    """One try: stream url into dst (atomically), hashing as it comes."""
+    h = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=timeout) as r, atomic_write(dst) as f:
+        total = int(r.headers.get("Content-Length") or 0) or None
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=dst.name, disable=None)
+        try:
+            while chunk := r.read(1 << 20):
+                h.update(chunk)
+                f.write(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        if sha256_prefix and not h.hexdigest().startswith(sha256_prefix):
+            raise CheckpointError(f"{url}: the downloaded file's sha256 {h.hexdigest()[:16]}... does not start with "
+                                  f"{sha256_prefix} (a changed or damaged file); try again later, or download it by "
+                                  f"hand, check its hash and save it as {dst}")

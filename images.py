@@ -7,6 +7,7 @@ and demo.py.
   4 RGBA, with their bits per sample: 8 or 16), `read_rgb` (a tensor [3, H, W] for training), `image_size` (from the
   header only), `list_images`, `square` (crop box + resize), and the public-domain example pictures.
 """
+import contextlib
 import math
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from glean_io import atomic_write
 
 # Suffixes read from folders (anything Pillow reads can also be named directly).
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm"}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
 
 
 class InputError(Exception):
@@ -89,31 +90,65 @@ def imresize(img: torch.Tensor, scale: float | None = None, size: tuple | int | 
 # Image files
 
 
-def _png16_colour(path: Path) -> bool:
-    """A PNG with 16 bits per sample and colour: Pillow reads those as 8-bit, so they go through OpenCV."""
-    with open(path, "rb") as f:
-        head = f.read(26)
-    return head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] in (2, 6)
+# Decoded images above this many pixels are refused (--max-pixels raises it): an RGB image becomes float32 arrays of
+# 12 bytes per pixel, so 80 million pixels already take ~1 GB. Pillow's own "decompression bomb" check is replaced
+# by this one (it warns above ~89 million pixels and refuses above ~179 million, whatever the caller allows).
+MAX_PIXELS = 80_000_000
 
 
-def read_image(path) -> tuple:
-    """Read an image file as (array [H, W, C] float32 in [0, 1], bits per sample: 8 or 16)."""
+@contextlib.contextmanager
+def _pillow_size_check_off():
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _deep_colour(path: Path, im: Image.Image) -> bool:
+    """A colour image with 16 bits per sample: Pillow would read it as 8-bit, so it goes through OpenCV (PNG, TIFF)."""
+    if im.format == "PNG":
+        with open(path, "rb") as f:
+            head = f.read(26)                                       # signature + IHDR: depth at 24, colour type 25
+        return len(head) == 26 and head[24] == 16 and head[25] in (2, 6)
+    if im.format == "TIFF":
+        bits = im.tag_v2.get(258, (8,))                             # BitsPerSample, one per sample
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        return len(bits) >= 3 and bits[0] == 16
+    return False
+
+
+def read_image(path, *, max_pixels: int | None = MAX_PIXELS, notes: list | None = None) -> tuple:
+    """Read an image file as (array [H, W, C] float32 in [0, 1], bits per sample: 8 or 16). Any problem with the
+    file is an InputError naming it; images over max_pixels are refused before they are decoded. Remarks the caller
+    may want to pass on (e.g. the first frame of an animation) are appended to `notes`."""
     path = Path(path)
     try:
-        if _png16_colour(path):
-            try:
-                import cv2
-            except ImportError as e:
-                raise InputError(f"{path}: 16-bit colour PNG; pip install opencv-python-headless to read it") from e
-            a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if a is None:
-                raise InputError(f"{path}: cannot read this PNG")
-            a = a[..., [2, 1, 0, 3][:a.shape[2]]]                           # BGR(A) -> RGB(A)
-            return a.astype(np.float32) / 65535.0, 16
-        with Image.open(path) as im:
+        with _pillow_size_check_off(), Image.open(path) as im:      # reads the header only
+            W, H = im.size
+            if max_pixels and W * H > max_pixels:
+                raise InputError(f"{path}: {W}x{H} is {W * H / 1e6:.0f} million pixels, above the limit of "
+                                 f"{max_pixels / 1e6:.0f} million (raise it with --max-pixels)")
+            if _deep_colour(path, im):
+                return _read_deep_colour(path), 16
+            if getattr(im, "n_frames", 1) > 1 and notes is not None:
+                notes.append(f"{path}: {im.n_frames} frames; the first one is used")
             return from_pil(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"{path}: not a readable image ({e})") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        reason = "empty file" if path.is_file() and path.stat().st_size == 0 else e
+        raise InputError(f"{path}: not a readable image ({reason})") from e
+
+
+def _read_deep_colour(path: Path) -> np.ndarray:
+    try:
+        import cv2
+    except ImportError as e:
+        raise InputError(f"{path}: 16-bit colour image; pip install opencv-python-headless to read it") from e
+    a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if a is None or a.ndim != 3 or a.dtype != np.uint16:
+        raise InputError(f"{path}: cannot read this 16-bit colour image")
+    return a[..., [2, 1, 0, 3][:a.shape[2]]].astype(np.float32) / 65535.0         # BGR(A) -> RGB(A)
 
 
 def to_pil(a: np.ndarray, bits: int = 8) -> Image.Image:
@@ -126,15 +161,24 @@ def to_pil(a: np.ndarray, bits: int = 8) -> Image.Image:
     return Image.fromarray(b[..., 0] if C == 1 else b, mode)
 
 
+def write_format(suffix: str) -> str | None:
+    """Pillow's format for writing files with this suffix (".jpg" -> "JPEG", ".jfif" -> "JPEG"), or None."""
+    fmt = Image.registered_extensions().get(suffix.lower())
+    return fmt if fmt in Image.SAVE else None
+
+
 def write_image(a: np.ndarray, path, bits: int = 8) -> None:
-    """Write atomically (temporary file, then rename). 16-bit colour goes through OpenCV, as PNG."""
+    """Write atomically (temporary file, then rename). 16-bit colour goes through OpenCV (PNG or TIFF)."""
     path = Path(path)
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
-           ".tiff": "TIFF", ".ppm": "PPM"}[path.suffix.lower()]
+    fmt = write_format(path.suffix)
+    if fmt is None:
+        raise InputError(f"{path}: cannot write '{path.suffix}' files; choose another format with --ext (png, jpg)")
     if bits == 16 and a.shape[2] >= 3:
+        if fmt not in ("PNG", "TIFF"):
+            raise InputError(f"{path}: 16-bit colour is kept in PNG or TIFF only; use --ext png")
         import cv2
         b = (np.clip(a, 0, 1) * 65535).round().astype(np.uint16)[..., [2, 1, 0, 3][:a.shape[2]]]
-        ok, data = cv2.imencode(".png", b)
+        ok, data = cv2.imencode(".png" if fmt == "PNG" else ".tif", b)
         if not ok:
             raise OSError(f"could not encode {path}")
         with atomic_write(path) as f:

@@ -21,8 +21,8 @@ from PIL import Image
 import glean
 import zoo
 from glean_io import CheckpointError, atomic_write
-from images import (IMAGE_EXTS, InputError, example_image, from_pil, imresize, read_image, to_pil,
-                    write_image)
+from images import (IMAGE_EXTS, MAX_PIXELS, InputError, example_image, from_pil, imresize, read_image, to_pil,
+                    write_format, write_image)
 
 # ----------------------------------------------------------------------------------------------------------
 # Upscaling
@@ -107,20 +107,50 @@ def upscale_arrays(model: glean.GLEAN, arrays: list, *, strict_size: bool = Fals
     return outputs, notes
 
 
-def upscale(model: glean.GLEAN, image, *, strict_size: bool = False, pad: bool = False) -> Image.Image:
-    """Upscale one image with GLEAN: a PIL image, or a tensor [3, H, W] / [1, 3, H, W] in [0, 1]. Returns a PIL
-    image of the same kind (greyscale stays greyscale, alpha is kept, 16-bit greyscale stays 16-bit)."""
+def as_arrays(image) -> tuple:
+    """What upscale() takes, as arrays [H, W, C] float32 in [0, 1]: (arrays, bits, one image?). A PIL image; or a
+    tensor [C, H, W] or a batch [B, C, H, W] (C = 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA) of uint8 (0-255), uint16
+    (0-65535) or floats in [0, 1], as torchvision.io.read_image and ToTensor give them. Anything else is refused
+    with a message that says what is expected."""
     if isinstance(image, Image.Image):
         a, bits = from_pil(image)
-    elif torch.is_tensor(image):
-        t = image[0] if image.ndim == 4 else image
-        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
-            raise InputError(f"expected a tensor [C, H, W] or [1, C, H, W] in [0, 1], got {list(image.shape)}")
-        a, bits = t.detach().float().cpu().permute(1, 2, 0).numpy(), 8
+        return [a], bits, True
+    if not torch.is_tensor(image):
+        raise TypeError(f"upscale takes a PIL image or a tensor [C, H, W] / [B, C, H, W], not {type(image).__name__}"
+                        f" (for a numpy array: PIL.Image.fromarray(array))")
+    shape, t = list(image.shape), image.detach()
+    if t.ndim not in (3, 4) or t.shape[-3] not in (1, 2, 3, 4):
+        raise InputError(f"expected an image tensor [C, H, W] or a batch [B, C, H, W] with C = 1, 2, 3 or 4 "
+                         f"channels, got shape {shape}")
+    if t.numel() == 0:
+        raise InputError(f"the image tensor is empty (shape {shape})")
+    if t.dtype in (torch.uint8, torch.uint16):
+        bits = 8 if t.dtype == torch.uint8 else 16
+        t = t.float() / (2 ** bits - 1)
+    elif t.is_floating_point():
+        t, bits = t.float(), 8
+        if not torch.isfinite(t).all():
+            raise InputError("the image tensor holds NaN or infinite values")
+        lo, hi = t.min().item(), t.max().item()
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            hint = (" (divide 0-255 values by 255)" if hi <= 255 and lo >= 0 else
+                    " (map [-1, 1] values with (x + 1) / 2)" if lo >= -1 and hi <= 1 else "")
+            raise InputError(f"float image values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]{hint}")
+        t = t.clamp(0, 1)
     else:
-        raise TypeError(f"upscale takes a PIL image or a tensor, not {type(image).__name__}")
-    out, _ = upscale_arrays(model, [a], strict_size=strict_size, pad=pad)
-    return to_pil(out[0], bits)
+        raise InputError(f"a {t.dtype} tensor is not an image: pass uint8 (0-255) or floats in [0, 1]")
+    batch = t if t.ndim == 4 else t[None]
+    return [x.cpu().permute(1, 2, 0).contiguous().numpy() for x in batch], bits, t.ndim == 3 or len(batch) == 1
+
+
+def upscale(model: glean.GLEAN, image, *, strict_size: bool = False, pad: bool = False):
+    """Upscale with GLEAN: a PIL image, or a tensor (see as_arrays: uint8 or float [0, 1], [C, H, W] or a batch
+    [B, C, H, W]). Returns a PIL image of the same kind (greyscale stays greyscale, alpha is kept, 16-bit greyscale
+    stays 16-bit), or for a batch of several a list of them."""
+    arrays, bits, single = as_arrays(image)
+    out, _ = upscale_arrays(model, arrays, strict_size=strict_size, pad=pad)
+    result = [to_pil(a, bits) for a in out]
+    return result[0] if single else result
 
 
 def retouch_arrays(model: glean.GLEAN, edited: np.ndarray, mask: np.ndarray | None = None, *, notes=None):
@@ -140,16 +170,31 @@ def retouch_arrays(model: glean.GLEAN, edited: np.ndarray, mask: np.ndarray | No
     return merge(sr, alpha, grey)
 
 
+def pick_device(name: str = "") -> torch.device:
+    """--device: "" = CUDA if torch sees a GPU, else the CPU; a name torch does not know, or a device that is not
+    there, is an InputError that says what to use instead."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name}: only cpu and cuda are supported")
+    return dev
+
+
 def load_model(name_or_path: str = "", device: str = "", half: bool = False) -> glean.GLEAN:
     """A registered model (zoo.WEIGHTS) or a checkpoint file, on the device, in half precision if asked (CUDA)."""
-    model = zoo.load_pretrained(name_or_path or zoo.DEFAULT_MODEL)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.to(dev)
-    if half:
-        if dev.type != "cuda":
-            raise InputError("half precision is for CUDA only; on a CPU the model runs in float32")
-        model = model.half()
-    return model
+    dev = pick_device(device)
+    if half and dev.type != "cuda":
+        raise InputError("half precision is for CUDA only; on a CPU the model runs in float32")
+    model = zoo.load_pretrained(name_or_path or zoo.DEFAULT_MODEL).to(dev)
+    return model.half() if half else model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,46 +202,81 @@ def load_model(name_or_path: str = "", device: str = "", half: bool = False) -> 
 
 
 def collect(inputs: list) -> tuple:
-    """Files to process (folders: their image files, sorted; `example:NAME` for a built-in example image) and
-    problems with the inputs themselves."""
-    files, problems = [], []
+    """The images to process as (file, folder it was found in or None), problems with the inputs themselves, and
+    notes. Folders give their image files (IMAGE_EXTS, recursively, sorted); `example:NAME` is a built-in picture."""
+    files, problems, notes = [], [], []
     for item in inputs:
-        if item.startswith("example:"):
-            files.append(Path(item))
-            continue
         p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTS)
-            if not found:
+        if item.startswith("example:"):
+            files.append((p, None))
+        elif p.is_dir():
+            found = [q for q in sorted(p.rglob("*")) if q.is_file()]
+            images = [q for q in found if q.suffix.lower() in IMAGE_EXTS]
+            if not images:
                 problems.append(f"{p}: no images ({', '.join(sorted(IMAGE_EXTS))}) in this folder")
-            files += found
+            others = [q for q in found if q.suffix.lower() not in IMAGE_EXTS and not q.name.startswith(".")]
+            if others:
+                notes.append(f"{p}: {len(others)} file(s) skipped, not images by their suffix (e.g. {others[0].name})")
+            files += [(q, p) for q in images]
         elif p.is_file():
-            files.append(p)
+            files.append((p, None))
         else:
             problems.append(f"{p}: no such file or folder")
-    return files, problems
+    return files, problems, notes
 
 
-def output_path(src: Path, outdir: Path, suffix: str, ext: str, bits: int, channels: int) -> Path:
-    ext = src.suffix.lower() if ext == "auto" else "." + ext.lstrip(".").lower()
-    if (bits == 16 or channels in (2, 4)) and ext in (".jpg", ".jpeg"):
-        ext = ".png"                                                      # keep 16 bits / alpha
-    if bits == 16 and channels >= 3:
-        ext = ".png"
-    return outdir / f"{src.stem}{suffix}{ext}"
+def output_ext(src: Path, ext: str, bits: int, channels: int, notes: list) -> str:
+    """The output suffix: --ext, or the input's (auto), unless that format cannot hold the result (then PNG, with a
+    note): alpha or 16 bits in JPEG, 16-bit colour outside PNG/TIFF, GIF's 256 colours, formats Pillow cannot write."""
+    out = src.suffix.lower() if ext == "auto" else "." + ext.lstrip(".").lower()
+    fmt = write_format(out)
+    why = ("GIF keeps only 256 colours" if fmt == "GIF" else
+           f"'{out}' files cannot be written" if fmt is None else
+           "JPEG cannot keep the alpha channel" if fmt == "JPEG" and channels in (2, 4) else
+           "JPEG cannot keep 16 bits" if fmt == "JPEG" and bits == 16 else
+           f"{fmt} cannot keep 16-bit colour" if bits == 16 and channels >= 3 and fmt not in ("PNG", "TIFF") else "")
+    if why:
+        notes.append(f"{src.name}: written as PNG: {why}")
+        return ".png"
+    return out
+
+
+class Outputs:
+    """Output paths for one run: each input's folder structure under -o is kept (for files found in a folder), and
+    no two inputs of a run ever get the same output: `x.png` and `x.jpg`, or `a/x.jpg` and `b/x.jpg` given by name,
+    get distinct names (with a note) instead of overwriting each other."""
+
+    def __init__(self, outdir: Path, suffix: str):
+        self.outdir, self.suffix, self.taken = outdir, suffix, set()
+
+    def path(self, src: Path, root: Path | None, ext: str, notes: list) -> Path:
+        folder = self.outdir / (src.parent.relative_to(root) if root is not None else Path())
+        dst = folder / f"{src.stem}{self.suffix}{ext}"
+        n, stem = 1, f"{src.stem}_{src.suffix.lstrip('.').lower()}" if src.suffix else src.stem
+        while dst in self.taken:
+            dst = folder / f"{stem}{self.suffix if n == 1 else f'_{n}{self.suffix}'}{ext}"
+            n += 1
+        if n > 1:
+            notes.append(f"{src}: written as {dst.name}, since another input of this run has the same name")
+        self.taken.add(dst)
+        return dst
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-i", "--input", nargs="+", required=True, help="image files and/or folders")
-    ap.add_argument("-o", "--output", default="results", help="output folder (created if needed)")
+    ap.add_argument("-i", "--input", nargs="+", required=True,
+                    help="image files and/or folders (searched recursively), or example:astronaut / example:cat")
+    ap.add_argument("-o", "--output", default="results", help="output folder, created if needed (default: results)")
     ap.add_argument("-m", "--model", default="", help=f"registered model ({', '.join(zoo.WEIGHTS)}) or a "
-                                                       f"checkpoint file; default: {zoo.DEFAULT_MODEL}")
-    ap.add_argument("--suffix", default="_glean", help="appended to each output file name")
-    ap.add_argument("--ext", default="auto", help="output format: auto (as the input), png, jpg, webp, ...")
-    ap.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ap.add_argument("--fp32", action="store_true", help="full precision on CUDA (half precision otherwise)")
-    ap.add_argument("--batch", type=int, default=1, help="images per forward pass")
+                                                       f"checkpoint file (default: {zoo.DEFAULT_MODEL})")
+    ap.add_argument("--suffix", default="_glean", help="appended to each output file name (default: _glean)")
+    ap.add_argument("--ext", default="auto", help="output format: auto (as the input), png, jpg, webp, tif, ... "
+                                                   "(default: auto)")
+    ap.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    ap.add_argument("--fp32", action="store_true", help="full precision on CUDA (default: half precision there)")
+    ap.add_argument("--batch", type=int, default=1, help="images per forward pass (default: 1)")
+    ap.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6,
+                    help=f"refuse larger images before decoding them; 0 = no limit (default: {MAX_PIXELS / 1e6:g})")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--strict-size", action="store_true", help="refuse inputs that are not in_size x in_size")
     size.add_argument("--pad", action="store_true", help="pad to a square instead of cropping (keeps the frame)")
@@ -204,14 +284,22 @@ def main(argv=None) -> int:
     ap.add_argument("--mask", help="with --retouch: only the white region of this mask is replaced")
     args = ap.parse_args(argv)
 
+    def error(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
     name = args.model or zoo.DEFAULT_MODEL
     if name not in zoo.WEIGHTS and not Path(name).is_file():
-        print(f"error: unknown model '{name}': choose one of {', '.join(zoo.WEIGHTS)}, or give a checkpoint "
-              f"file", file=sys.stderr)
-        return 2
+        return error(f"unknown model '{name}': choose one of {', '.join(zoo.WEIGHTS)}, or give a checkpoint file")
     if args.mask and not args.retouch:
-        print("error: --mask goes with --retouch", file=sys.stderr)
-        return 2
+        return error("--mask goes with --retouch")
+    if args.batch < 1:
+        return error(f"--batch must be at least 1, got {args.batch}")
+    if args.max_megapixels < 0:
+        return error(f"--max-megapixels must be >= 0 (0: no limit), got {args.max_megapixels:g}")
+    if args.ext != "auto" and write_format("." + args.ext.lstrip(".")) is None:
+        return error(f"--ext {args.ext}: not a format that can be written; use png, jpg, webp, tif or bmp")
+    max_pixels = round(args.max_megapixels * 1e6)
     outdir = Path(args.output)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -219,75 +307,84 @@ def main(argv=None) -> int:
             pass
         (outdir / ".write-test").unlink()
     except OSError as e:
-        print(f"error: cannot write to output folder {outdir} ({e.strerror or e}); choose another with -o",
-              file=sys.stderr)
-        return 2
-    files, problems = collect(args.input)
+        return error(f"cannot write to output folder {outdir} ({e.strerror or e}); choose another with -o")
+    files, problems, notes = collect(args.input)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     try:
-        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(name, dev, half=torch.device(dev).type == "cuda" and not args.fp32)
+        dev = pick_device(args.device)
+        model = load_model(name, str(dev), half=dev.type == "cuda" and not args.fp32)
+        mask = read_image(args.mask, max_pixels=max_pixels)[0] if args.mask else None
     except (CheckpointError, InputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    mask = None
-    if args.mask:
-        try:
-            mask = read_image(args.mask)[0]
-        except InputError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        return error(str(e))
     from tqdm import tqdm
-    failed = 0
+
+    def say(kind: str, message: str) -> None:
+        tqdm.write(f"{kind}: {message}", file=sys.stderr)
+
+    for note in notes:
+        say("note", note)
+    outputs, failed, written = Outputs(outdir, args.suffix), 0, 0
     bar = tqdm(total=len(files), unit="img", disable=len(files) < 2 or None)
     queue = []
 
     def flush():
-        nonlocal failed
+        nonlocal failed, written
         if not queue:
             return
+        notes = []
         try:
             if args.retouch:
-                notes = []
-                outs = [retouch_arrays(model, a, mask, notes=notes) for _, a, _ in queue]
+                outs = [retouch_arrays(model, a, mask, notes=notes) for _, _, a, _ in queue]
             else:
-                outs, notes = upscale_arrays(model, [a for _, a, _ in queue], strict_size=args.strict_size,
-                                             pad=args.pad, names=[str(s) for s, _, _ in queue])
-            for note in notes:
-                tqdm.write(f"note: {note}", file=sys.stderr)
-            for (src, _, bits), out in zip(queue, outs):
-                dst = output_path(src, outdir, args.suffix, args.ext, bits, out.shape[2])
-                write_image(out, dst, bits)
-        except InputError as e:
-            failed += len(queue)
-            tqdm.write(f"error: {e}", file=sys.stderr)
+                outs, notes = upscale_arrays(model, [a for _, _, a, _ in queue], strict_size=args.strict_size,
+                                             pad=args.pad, names=[str(s) for s, _, _, _ in queue])
         except torch.cuda.OutOfMemoryError:
             failed += len(queue)
-            tqdm.write("error: out of GPU memory: use --batch 1, or --device cpu", file=sys.stderr)
+            say("error", f"out of GPU memory for {', '.join(str(s) for s, _, _, _ in queue)}: use --batch 1, "
+                         f"or --device cpu")
+            outs = []
+        for (src, root, _, bits), out in zip(queue, outs):
+            ext = output_ext(src, args.ext, bits, out.shape[2], notes)
+            dst = outputs.path(src, root, ext, notes)
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                write_image(out, dst, bits)
+                written += 1
+            except (InputError, OSError) as e:
+                failed += 1
+                say("error", str(e) if isinstance(e, InputError) else
+                    f"{dst}: cannot write ({e.strerror or e}); {src} was not saved")
+        for note in notes:
+            say("note", note)
         bar.update(len(queue))
         queue.clear()
 
-    for src in files:
+    for src, root in files:
         try:
+            read_notes = []
             if str(src).startswith("example:"):
                 a, bits = from_pil(example_image(str(src).split(":", 1)[1]))
                 src = Path(str(src).split(":", 1)[1] + ".png")
             else:
-                a, bits = read_image(src)
+                a, bits = read_image(src, max_pixels=max_pixels, notes=read_notes)
+            if args.strict_size and not args.retouch and a.shape[:2] != (model.cfg.in_size,) * 2:
+                raise InputError(f"{src} is {a.shape[1]}x{a.shape[0]}, the model takes {model.cfg.in_size}x"
+                                 f"{model.cfg.in_size} (drop --strict-size to crop and resize)")
         except InputError as e:
             failed += 1
-            tqdm.write(f"error: {e}", file=sys.stderr)
+            say("error", str(e))
             bar.update(1)
             continue
-        queue.append((src, a, bits))
+        for note in read_notes:
+            say("note", note)
+        queue.append((src, root, a, bits))
         if len(queue) >= args.batch:
             flush()
     flush()
     bar.close()
     bad = failed + len(problems)
-    done = len(files) - failed
-    print(f"{done} image(s) written to {outdir}" + (f"; {bad} problem(s), see above" if bad else ""))
+    print(f"{written} image(s) written to {outdir}" + (f"; {bad} problem(s), see above" if bad else ""))
     return 1 if bad else 0
 
 

@@ -620,6 +620,15 @@ def _from_ada(sd: dict) -> dict:
     return out
 
 
+def _config(config, source: str) -> GeneratorConfig:
+    """A GeneratorConfig from a file's plain data (a dict, or JSON text), or a CheckpointError naming the file."""
+    try:
+        return GeneratorConfig(**(json.loads(config) if isinstance(config, str) else config))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: its generator config is not usable ({e}); the file is damaged or edited") \
+            from e
+
+
 def generator_state(ckpt, source: str = "checkpoint") -> tuple:
     """A StyleGAN2 generator's weights from any supported file, renamed to ours: (state dict, config or None).
 
@@ -632,13 +641,12 @@ def generator_state(ckpt, source: str = "checkpoint") -> tuple:
         ckpt = load_pickle(ckpt) if str(ckpt).endswith(".pkl") else load_file(ckpt)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{source}: not a StyleGAN2 checkpoint")
-    meta = ckpt.get("metadata", ckpt)
+    meta = ckpt["metadata"] if isinstance(ckpt.get("metadata"), dict) else ckpt
     if meta.get("format") == "stylegan2":                                 # ours (.pt or .safetensors)
-        config = meta["config"]
-        config = GeneratorConfig(**(json.loads(config) if isinstance(config, str) else config))
-        return state_dict_of(ckpt), config
-    if ckpt.get("format") == "glean-train" and "g_ema" in ckpt:           # our bank-training checkpoint
-        return ckpt["g_ema"], GeneratorConfig(**ckpt["generator_config"])
+        config = meta.get("config")
+        return state_dict_of(ckpt, source), _config(config, source)
+    if ckpt.get("format") == "glean-train" and isinstance(ckpt.get("g_ema"), dict):   # our bank-training checkpoint
+        return ckpt["g_ema"], _config(ckpt.get("generator_config"), source)
     if "G_ema" in ckpt:                                                   # NVIDIA stylegan2-ada pickle
         return _from_ada(_flatten_placeholders(ckpt["G_ema"])), None
     if "g_ema" in ckpt and isinstance(ckpt["g_ema"], dict):              # rosinality

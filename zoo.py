@@ -103,9 +103,30 @@ def weights_file(name_or_path, progress: bool = True) -> Path:
     return path
 
 
+def official_config(sd: dict, source: str = "checkpoint") -> glean.GLEANConfig:
+    """The GLEANConfig an official release file was made with, read off its `generator.*` tensors: the encoder's
+    length gives in_size, the bank (stylegan2.infer_generator_config) out_size and widths, the RRDBNet its own."""
+    def count(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    bank = {k[len("generator.generator."):]: v for k, v in sd.items() if k.startswith("generator.generator.")}
+    try:
+        g = stylegan2.infer_generator_config(bank, official=True)
+        rrdb = sd["generator.encoder.0.0.body.0.rdb1.conv1.weight"]          # [growth, channels, 3, 3]
+        last = f"generator.decoder.{count('generator.decoder.') - 1}.0.weight"   # [decoder_channels, ., 3, 3]
+        return glean.GLEANConfig(in_size=2 ** count("generator.encoder."), out_size=g.out_size,
+                                 rrdb_channels=rrdb.shape[1], rrdb_growth_channels=rrdb.shape[0],
+                                 num_rrdbs=count("generator.encoder.0.0.body."), style_channels=g.style_channels,
+                                 num_mlps=g.num_mlps, channel_multiplier=g.channel_multiplier,
+                                 channel_base=g.channel_base, decoder_channels=sd[last].shape[0])
+    except (KeyError, IndexError, AttributeError, ValueError, CheckpointError) as e:
+        raise CheckpointError(f"{source}: has 'generator.' keys but is not a complete official GLEAN release file "
+                              f"({e})") from e
+
+
 def load_pretrained(name_or_path, *, fast: bool = True, progress: bool = True) -> glean.GLEAN:
-    """A GLEAN model from a registered name (see WEIGHTS) or a checkpoint file (this project's format, a training
-    checkpoint of train.py, or an official release file when it has `generator.` keys), in eval mode on the CPU.
+    """A GLEAN model from a registered name (see WEIGHTS) or a checkpoint file, in eval mode on the CPU: this
+    project's format, a training checkpoint of train.py, or an official release file (`generator.*` keys, e.g.
+    glean_ffhq_16x_20210527-61a3afad.pth downloaded by hand; its configuration is read off its tensors).
     fast=True (the default) gives glean_fast.GLEANFast, the same network computed faster; False the reference."""
     cls = glean_fast.GLEANFast if fast else glean.GLEAN
     if name_or_path in WEIGHTS:
@@ -114,14 +135,19 @@ def load_pretrained(name_or_path, *, fast: bool = True, progress: bool = True) -
             raise ValueError(f"'{name_or_path}' is a {w.kind} latent bank, not a GLEAN model")
         path = weights_file(name_or_path, progress)
         return cls.from_official(path, glean.GLEANConfig(**w.config)) if w.kind == "glean-official" else cls.load(path)
-    ckpt = load_file(weights_file(name_or_path))
-    meta = ckpt.get("metadata", ckpt)
+    path = weights_file(name_or_path)
+    ckpt = load_file(path)
+    meta = ckpt["metadata"] if isinstance(ckpt.get("metadata"), dict) else ckpt
     if meta.get("format") == "glean":
-        return cls.load(ckpt)
-    if meta.get("format") == "glean-train":                   # a training checkpoint of train.py
-        return cls.load({"format": "glean", "config": ckpt["model_config"], "state_dict": ckpt["model"]})
-    raise CheckpointError(f"{name_or_path}: not a GLEAN checkpoint of this project; for an official release file "
-                          f"use GLEAN.from_official(path, GLEANConfig(in_size=..., out_size=...))")
+        return cls.load(ckpt, source=str(path))
+    if meta.get("format") == "glean-train" and isinstance(ckpt.get("model"), dict):   # a train.py checkpoint
+        return cls.load({"format": "glean", "config": ckpt.get("model_config"), "state_dict": ckpt["model"]},
+                        source=str(path))
+    sd = ckpt.get("state_dict", ckpt)
+    if isinstance(sd, dict) and any(isinstance(k, str) and k.startswith("generator.") for k in sd):
+        return cls.from_official(ckpt, official_config(sd, str(path)), source=str(path))
+    raise CheckpointError(f"{path}: not a GLEAN checkpoint (neither this project's format nor an official release "
+                          f"file with 'generator.' keys)")
 
 
 def load_bank(name_or_path, *, progress: bool = True) -> stylegan2.Generator:
