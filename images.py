@@ -129,7 +129,7 @@ def read_image(path, *, max_pixels: int | None = MAX_PIXELS, notes: list | None 
             W, H = im.size
             if max_pixels and W * H > max_pixels:
                 raise InputError(f"{path}: {W}x{H} is {W * H / 1e6:.0f} million pixels, above the limit of "
-                                 f"{max_pixels / 1e6:.0f} million (raise it with --max-pixels)")
+                                 f"{max_pixels / 1e6:g} million (raise it with --max-megapixels)")
             if _deep_colour(path, im):
                 return _read_deep_colour(path), 16
             if getattr(im, "n_frames", 1) > 1 and notes is not None:
