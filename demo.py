@@ -2,13 +2,20 @@
 and retouch (Sec. 6): paint over a flawed region of an edited photo and let GLEAN redraw it.
 
     pip install -e ".[demo]"
-    python demo.py            # http://127.0.0.1:7860
+    python demo.py            # http://127.0.0.1:7860  (glean-demo after a pip install)
 
-Built on infer.upscale / infer.retouch_arrays; models load on first use and stay cached. Nothing heavy at import.
+Built on infer.py; models load on first use and stay cached. Nothing heavy at import. Uploads are read by the app
+itself (not decoded by Gradio first), so a file that is no image, or one of too many pixels, gets a message that
+says so; results wait in a private temporary folder that is cleaned up.
 """
+import atexit
 import os
+import shutil
+import sys
 import tempfile
 import threading
+import time
+import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -20,11 +27,41 @@ import glean
 import images
 import infer
 import zoo
+from glean_io import CheckpointError
 
 MODELS = [zoo.DEFAULT_MODEL] + [n for n, w in zoo.WEIGHTS.items()
-                                  if w.kind.startswith("glean") and n != zoo.DEFAULT_MODEL]
+                                if w.kind.startswith("glean") and n != zoo.DEFAULT_MODEL]
 MAX_UPLOAD = "10mb"              # larger uploads are refused by the server
+MAX_UPLOAD_PIXELS = 16_000_000   # and larger images before they are decoded (12000x12000 held the worker ~11 s)
+KEEP_RESULTS_S = 15 * 60         # downloads are deleted after this long
 _models, _lock = {}, threading.Lock()
+_outbox: list = []               # the private results folder, made on first use
+
+
+def read_upload(upload) -> tuple:
+    """An upload as (array [H, W, C] in [0, 1], bits, file name), or a gr.Error that says what is wrong with it.
+    `upload` is Gradio's file data (the Upscale event runs with preprocess=False, so that Gradio does not decode the
+    file first and answer a bad one with a bare "Error"; it has checked that the path is one of its uploads) or a
+    path."""
+    if upload is None:
+        raise gr.Error("upload an image first")
+    path = upload.get("path") if isinstance(upload, dict) else str(upload)
+    name = (upload.get("orig_name") if isinstance(upload, dict) else None) or Path(path).name
+    try:
+        a, bits = images.read_image(path, max_pixels=MAX_UPLOAD_PIXELS)
+    except images.InputError as e:
+        message = str(e).replace(str(path), name).replace("raise it with --max-megapixels", "run infer.py for "
+                                                                                             "larger images")
+        raise gr.Error(message) from None
+    return a, bits, name
+
+
+def model_label(name: str) -> str:
+    """The dropdown's words for a model: whether it is here or must be downloaded first."""
+    if name not in zoo.WEIGHTS:
+        return f"{Path(name).name} (local file)"
+    where = zoo.local_file(name)
+    return name if where is not None else f"{name} (downloads on first use)"
 
 
 def get_model(name: str) -> glean.GLEAN:
@@ -35,8 +72,9 @@ def get_model(name: str) -> glean.GLEAN:
         if name not in _models:
             try:
                 _models[name] = infer.load_model(name, "cuda" if torch.cuda.is_available() else "cpu")
-            except Exception as e:  # shown to the user in the page; the server keeps running
-                raise gr.Error(f"could not load {name}: {e}") from e
+            except (CheckpointError, images.InputError, ValueError, OSError) as e:
+                print(f"demo: could not load {name}: {e}", file=sys.stderr)     # one line on the console
+                raise gr.Error(f"could not load {name}: {e}") from None
         return _models[name]
 
 
@@ -44,89 +82,105 @@ def describe(name: str) -> str:
     if name not in zoo.WEIGHTS:
         return f"**{Path(name).name}**: a local checkpoint."
     w, c = zoo.WEIGHTS[name], zoo.WEIGHTS[name].config
+    download = "" if zoo.local_file(name) is not None else " Its weights are downloaded on first use."
     return (f"**{name}**: {c['in_size']}x{c['in_size']} -> {c['out_size']}x{c['out_size']}, {w.category}. "
-            f"Inputs of another size are centre-cropped and resized to {c['in_size']}x{c['in_size']}. "
+            f"Inputs of another size are centre-cropped and resized to {c['in_size']}x{c['in_size']}.{download} "
             f"Licence: {w.license}.")
 
 
+def outbox() -> Path:
+    """The private folder (mode 0700, removed at exit) where results wait to be downloaded; files older than
+    KEEP_RESULTS_S are deleted whenever a new one is written."""
+    if not _outbox:
+        folder = Path(tempfile.mkdtemp(prefix="glean-demo-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _outbox.append(folder)
+    folder, now = _outbox[0], time.time()
+    for old in folder.iterdir():
+        if now - old.stat().st_mtime > KEEP_RESULTS_S:
+            old.unlink(missing_ok=True)
+    return folder
+
+
 def save_png(image: Image.Image, stem: str) -> str:
-    path = Path(tempfile.mkdtemp(prefix="glean-")) / f"{stem}_glean.png"
-    image.save(path)
+    path = outbox() / f"{stem}-{uuid.uuid4().hex[:8]}.png"
+    image.save(path, format="PNG")
     return str(path)
 
 
-def bicubic_baseline(model: glean.GLEAN, image: Image.Image) -> Image.Image:
+def bicubic_baseline(model: glean.GLEAN, a: np.ndarray) -> Image.Image:
     """What the model sees (cropped and resized to in_size), enlarged with MATLAB bicubic: the 'before'."""
-    a, _ = images.from_pil(image.convert("RGB"))
     rgb, _, _ = infer.split(a)
     lr, _ = infer.fit(rgb, model.cfg.in_size, strict=False, pad=False, notes=[])
     up = images.imresize(lr, size=model.cfg.out_size).clamp(0, 1)
     return Image.fromarray((up.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
-def upscale(image, name: str):
-    if image is None:
-        raise gr.Error("upload an image first")
+def upscale(upload, name: str):
+    a, bits, stem = read_upload(upload)
     model = get_model(name)
-    try:
-        out = infer.upscale(model, image)
-    except images.InputError as e:
-        raise gr.Error(str(e)) from e
-    before = bicubic_baseline(model, image)
-    return (before, out.convert("RGB")), save_png(out, "upscaled"), describe(name)
+    outs, _ = infer.upscale_arrays(model, [a])
+    out = images.to_pil(outs[0], bits)
+    before = bicubic_baseline(model, a)
+    return (before, out.convert("RGB")), save_png(out, Path(stem).stem + "_glean"), describe(name)
 
 
 def retouch(edited, name: str):
     """edited: Gradio's ImageEditor value; whatever is painted on the layers marks the region to redraw."""
     if edited is None or edited.get("background") is None:
         raise gr.Error("upload an edited image first")
+    background = edited["background"]
+    if background.width * background.height > MAX_UPLOAD_PIXELS:
+        raise gr.Error(f"the image is {background.width}x{background.height}, more than this demo's limit of "
+                       f"{MAX_UPLOAD_PIXELS / 1e6:g} million pixels; run infer.py --retouch for larger images")
     model = get_model(name)
-    background = np.asarray(edited["background"].convert("RGB"), dtype=np.float32) / 255
+    rgb = np.asarray(background.convert("RGB"), dtype=np.float32) / 255
     mask = None
     layers = [np.asarray(layer.convert("RGBA")) for layer in edited.get("layers") or []]
     if layers and any(layer[..., 3].any() for layer in layers):
         mask = (np.max([layer[..., 3] for layer in layers], axis=0) > 0).astype(np.float32)[..., None]
-    out = infer.retouch_arrays(model, background, mask)
+    out = infer.retouch_arrays(model, rgb, mask)
     result = images.to_pil(out)
     return result, save_png(result, "retouched")
 
 
 def example_files() -> list:
-    """The example images as files Gradio can show (scikit-image's astronaut face and cat)."""
-    folder = Path(tempfile.gettempdir()) / "glean-examples"
-    folder.mkdir(exist_ok=True)
+    """The example images as files Gradio can show (scikit-image's astronaut face and cat), in the private
+    results folder."""
     paths = []
     for name in images.EXAMPLES:
-        path = folder / f"{name}.png"
-        if not path.exists():
-            try:
-                images.example_image(name).save(path)
-            except images.InputError:
-                continue  # scikit-image not installed: no examples
+        try:
+            image = images.example_image(name)
+        except images.InputError:
+            continue                 # scikit-image not installed: no examples
+        path = outbox() / f"{name}.png"
+        image.save(path)
         paths.append([str(path)])
     return paths
 
 
 def build(models: list) -> gr.Blocks:
     """The app: an Upscale tab and a Retouch tab, with `models` to choose from (the first is the default)."""
-    with gr.Blocks(title="GLEAN super-resolution") as app:
+    choices = [(model_label(m), m) for m in models]
+    with gr.Blocks(title="GLEAN super-resolution", delete_cache=(3600, 3600)) as app:
         gr.Markdown("# GLEAN: large-factor super-resolution with a generative latent bank\n"
                     "Upload a photo (faces work best with the face models); GLEAN redraws it at 8x-16x. "
                     "The slider compares bicubic upscaling (left) with GLEAN (right).")
         with gr.Tab("Upscale"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(type="pil", label="Low-resolution input", sources=["upload", "clipboard"],
+                    image = gr.Image(type="filepath", label="Low-resolution input", sources=["upload", "clipboard"],
                                      image_mode=None, elem_id="input-image")
-                    model = gr.Dropdown(models, value=models[0], label="Model")
+                    model = gr.Dropdown(choices, value=models[0], label="Model")
                     go = gr.Button("Upscale", variant="primary", elem_id="upscale-button")
                     gr.Examples(example_files(), inputs=[image], label="Examples (scikit-image)")
                 with gr.Column():
-                    compare = gr.ImageSlider(label="Bicubic | GLEAN", type="pil", elem_id="result-slider")
+                    compare = gr.ImageSlider(label="Bicubic | GLEAN", type="pil", format="png",
+                                             elem_id="result-slider")
                     download = gr.File(label="Download PNG", elem_id="result-file")
                     info = gr.Markdown(describe(models[0]))
             model.change(describe, model, info)
-            go.click(upscale, [image, model], [compare, download, info])
+            go.click(upscale, [image, model], [compare, download, info], preprocess=False)   # see read_upload
         with gr.Tab("Retouch"):
             gr.Markdown("Sec. 6 of the paper: load an edited photo and paint over the region with artefacts. GLEAN "
                         "downsamples the photo, super-resolves it back and replaces the painted region (the whole "
@@ -135,9 +189,9 @@ def build(models: list) -> gr.Blocks:
                 editor = gr.ImageEditor(type="pil", label="Edited photo (paint the region to fix)", sources=["upload"],
                                         brush=gr.Brush(colors=["#ffffff"], default_size=12), layers=False)
                 with gr.Column():
-                    retouched = gr.Image(type="pil", label="Retouched", interactive=False)
+                    retouched = gr.Image(type="pil", label="Retouched", interactive=False, format="png")
                     retouch_file = gr.File(label="Download PNG")
-            retouch_model = gr.Dropdown(models, value=models[0], label="Model")
+            retouch_model = gr.Dropdown(choices, value=models[0], label="Model")
             gr.Button("Retouch", variant="primary").click(retouch, [editor, retouch_model], [retouched, retouch_file])
     app.queue(max_size=16, default_concurrency_limit=1)  # one job at a time on the model, at most 16 waiting
     return app
@@ -146,13 +200,26 @@ def build(models: list) -> gr.Blocks:
 demo = build(MODELS)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
     import argparse
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", default=[], help="registered name or checkpoint file (repeatable); "
                                                                   "the first one is the default")
-    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    args = ap.parse_args()
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                    help="address to serve on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                    help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    args = ap.parse_args(argv)
+    missing = [m for m in args.model if m not in zoo.WEIGHTS and not Path(m).is_file()]
+    if missing:
+        print(f"error: --model {missing[0]}: neither a registered model ({', '.join(zoo.WEIGHTS)}) nor a file",
+              file=sys.stderr)
+        return 2
+    Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS   # what Gradio decodes itself (the retouch editor): Pillow's check
     app = build(args.model + [m for m in MODELS if m not in args.model]) if args.model else demo
-    app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
+    app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

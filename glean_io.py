@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import struct
 import sys
 import tempfile
 import types
@@ -101,22 +102,31 @@ restricted_pickle = types.SimpleNamespace(Unpickler=RestrictedUnpickler, load=_r
                                           __name__="glean_io.restricted_pickle")
 
 
+# What torch's unpicklers raise on a file that is not a checkpoint (a text file, a truncated or crafted pickle).
+_NOT_A_CHECKPOINT = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, IndexError, ValueError, TypeError,
+                     AttributeError, UnicodeDecodeError, struct.error)
+
+
 def torch_load(path, map_location="cpu"):
-    """torch.load with weights_only=True; if refused for a non-tensor object, load with RestrictedUnpickler."""
+    """torch.load with weights_only=True; if refused for a non-tensor object, load with RestrictedUnpickler.
+    A file that is no checkpoint at all is a CheckpointError naming it."""
     mmap = zipfile.is_zipfile(path)  # zip-format files map their tensors instead of reading them into memory
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError) as e:
+    except _NOT_A_CHECKPOINT as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
         if "TorchScript" in str(e):                 # torch's own message would suggest weights_only=False: never
             raise CheckpointError(f"{path} is a TorchScript archive (a compiled model), not a checkpoint of weights: "
                                   f"save the model's state_dict() instead") from None
-        if not isinstance(e, pickle.UnpicklingError):
-            raise
-        if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); "
-                                  f"re-download or re-export it") from e
-    return torch.load(path, map_location=map_location, weights_only=False, pickle_module=restricted_pickle,
-                      mmap=mmap)
+        if not (isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)):
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, corrupt or truncated "
+                                  f"({type(e).__name__}: {first}); re-download or re-export it") from e
+    try:                                            # objects other than tensors: rebuilt inert, never run
+        return torch.load(path, map_location=map_location, weights_only=False, pickle_module=restricted_pickle,
+                          mmap=mmap)
+    except _NOT_A_CHECKPOINT as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, corrupt or truncated ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0]}); re-download or re-export it") from e
 
 
 def load_pickle(path):

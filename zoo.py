@@ -4,9 +4,12 @@ Each entry: where the file is (a download address with its sha256 prefix, or a f
 it is, the configuration it was made with, what it was trained on and under which licence. `load_pretrained(name)`
 is the one loading function; `weights_file(name)` finds (downloads once, hash-checks) the file itself.
 """
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 import glean
 import glean_fast
@@ -121,6 +124,17 @@ def official_config(sd: dict, source: str = "checkpoint") -> glean.GLEANConfig:
     except (KeyError, IndexError, AttributeError, ValueError, CheckpointError) as e:
         raise CheckpointError(f"{source}: has 'generator.' keys but is not a complete official GLEAN release file "
                               f"({e})") from e
+
+
+def local_file(name: str) -> Path | None:
+    """Where a registered model's file already is (shipped, or downloaded before), without checking or fetching it;
+    None if using it needs a download."""
+    w = WEIGHTS[name]
+    if "://" not in w.url:
+        places = [Path(__file__).resolve().parent / w.url, Path(sys.prefix) / "share" / "glean-sr" / w.url]
+    else:
+        places = [Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url.split("?")[0])]
+    return next((p for p in places if p.is_file()), None)
 
 
 def load_pretrained(name_or_path, *, fast: bool = True, progress: bool = True) -> glean.GLEAN:

@@ -27,17 +27,48 @@ def model_file(tmp_path_factory) -> Path:
     return path
 
 
-def test_import_is_light_and_handlers_work(model_file):
+def test_import_is_light_and_handlers_work(model_file, tmp_path):
     import demo
     assert demo._models == {}                                   # nothing loaded at import
     face = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
-    (before, after), png, info = demo.upscale(face, str(model_file))
+    face.save(tmp_path / "face.png")
+    (before, after), png, info = demo.upscale(str(tmp_path / "face.png"), str(model_file))
     assert before.size == after.size == (32, 32) and Image.open(png).size == (32, 32)
+    assert Path(png).name.startswith("face_glean") and Path(png).parent == demo.outbox()
+    assert oct(demo.outbox().stat().st_mode & 0o777) == "0o700"         # private: not a predictable shared folder
     edited = {"background": face, "layers": [Image.new("RGBA", face.size)], "composite": face}
     out, png = demo.retouch(edited, str(model_file))              # nothing painted: the whole image
     assert out.size == (32, 32)
-    with pytest.raises(gr.Error):
+    with pytest.raises(gr.Error, match="upload an image first"):
         demo.upscale(None, str(model_file))
+
+
+def test_bad_uploads_get_a_message(model_file, tmp_path):
+    """A text file named .png and a "decompression bomb" (a header claiming 12000x12000 pixels) are answered with a
+    message naming the file and the problem, not Gradio's bare "Error"."""
+    import demo
+    from test_robustness import png_header_only
+    (tmp_path / "notes.png").write_text("hello")
+    with pytest.raises(gr.Error, match=r"notes.png: not a readable image"):
+        demo.upscale(str(tmp_path / "notes.png"), str(model_file))
+    png_header_only(tmp_path / "bomb.png", 12000, 12000)
+    t = time.perf_counter()
+    with pytest.raises(gr.Error, match=r"bomb.png: 12000x12000 is 144 million pixels, above the limit of 16 million"):
+        demo.upscale(str(tmp_path / "bomb.png"), str(model_file))
+    assert time.perf_counter() - t < 1                                   # refused from the header, not decoded
+    raw = {"path": str(tmp_path / "notes.png"), "orig_name": "my notes.png"}      # Gradio's file data
+    with pytest.raises(gr.Error, match=r"my notes.png: not a readable image"):
+        demo.upscale(raw, str(model_file))
+    with pytest.raises(gr.Error, match="could not load"):
+        demo.get_model(str(tmp_path / "notes.png"))
+
+
+def test_models_that_need_a_download_are_marked(tmp_path, monkeypatch):
+    import demo
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))                     # an empty download cache
+    assert demo.model_label("glean_face_small_8x") == "glean_face_small_8x"
+    assert demo.model_label("glean_face_16x") == "glean_face_16x (downloads on first use)"
+    assert "downloaded on first use" in demo.describe("glean_face_16x")
 
 
 def free_port() -> int:
