@@ -5,7 +5,6 @@ it is, the configuration it was made with, what it was trained on and under whic
 is the one loading function; `weights_file(name)` finds (downloads once, hash-checks) the file itself.
 """
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,13 +77,12 @@ DEFAULT_MODEL = "glean_face_small_8x"   # what infer.py, demo.py and torch.hub u
 
 
 def shipped_file(w: Weights) -> Path:
-    """A file that ships with the code: next to this file (a clone, an editable install, torch.hub) or in
-    <prefix>/share/glean-sr/ (a wheel install); hash-checked, so a Git LFS pointer or a damaged copy is named."""
-    places = [Path(__file__).resolve().parent / w.url, Path(sys.prefix) / "share" / "glean-sr" / w.url]
-    path = next((p for p in places if p.is_file()), None)
-    if path is None:
-        raise CheckpointError(f"{w.url} is missing (looked in {', '.join(str(p.parent) for p in places)}); "
-                              f"reinstall the package or clone the repository again")
+    """A file that ships with the code, next to this module (a clone, torch.hub, and any pip install: the wheel
+    carries weights/ inside its package); hash-checked, so a Git LFS pointer or a damaged copy is named."""
+    path = Path(__file__).resolve().parent / w.url
+    if not path.is_file():
+        raise CheckpointError(f"{w.url} is missing (looked in {path.parent}); reinstall the package or clone the "
+                              f"repository again")
     if not sha256_of(path).startswith(w.sha256):
         raise CheckpointError(f"{path} is damaged (sha256 does not start with {w.sha256}); restore it with "
                               f"git checkout -- {w.url} or reinstall the package")
@@ -130,11 +128,9 @@ def local_file(name: str) -> Path | None:
     """Where a registered model's file already is (shipped, or downloaded before), without checking or fetching it;
     None if using it needs a download."""
     w = WEIGHTS[name]
-    if "://" not in w.url:
-        places = [Path(__file__).resolve().parent / w.url, Path(sys.prefix) / "share" / "glean-sr" / w.url]
-    else:
-        places = [Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url.split("?")[0])]
-    return next((p for p in places if p.is_file()), None)
+    path = (Path(__file__).resolve().parent / w.url if "://" not in w.url else
+            Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url.split("?")[0]))
+    return path if path.is_file() else None
 
 
 def load_pretrained(name_or_path, *, fast: bool = True, progress: bool = True) -> glean.GLEAN:
