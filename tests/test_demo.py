@@ -118,3 +118,30 @@ def test_upload_upscale_in_a_real_browser(model_file, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_results_folder_is_cleaned_and_slider_sends_png(monkeypatch, tmp_path):
+    import demo
+    folder = demo.outbox()
+    old = folder / "old-result.png"
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - demo.KEEP_RESULTS_S - 60,) * 2)
+    demo.save_png(Image.new("RGB", (4, 4)), "fresh")
+    assert not old.exists() and any(p.name.startswith("fresh-") for p in folder.iterdir())
+    sliders = [b for b in demo.demo.blocks.values() if isinstance(b, gr.ImageSlider)]
+    assert sliders and all(s.format == "png" for s in sliders)
+
+
+def test_failed_download_is_one_line_on_the_console(monkeypatch, capsys):
+    import demo
+    import zoo
+    from glean_io import CheckpointError
+
+    def offline(*args, **kwargs):
+        raise CheckpointError("could not download https://example/x.pth (no answer within 30 s); ...")
+    monkeypatch.setattr(zoo, "download", offline)
+    monkeypatch.setattr(zoo, "local_file", lambda name: None)
+    with pytest.raises(gr.Error, match="could not load glean_cat_8x: could not download"):
+        demo.get_model("glean_cat_8x")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "could not download" in err

@@ -1,4 +1,5 @@
 """infer.py on real decoded files the tests write: every input kind, bad inputs, retouching, the Python API."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,31 @@ def test_readme_first_command_uses_the_shipped_model(tmp_path, monkeypatch):
         assert im.size == (64, 64) and im.mode == "RGB"
         face = np.asarray(im, dtype=np.float64)
     assert face.std() > 20                               # a picture, not a flat or blank tile
+
+
+def test_readme_python_api_snippet_runs(tmp_path, monkeypatch):
+    """The README's Python API example, as written, on a face image."""
+    import re
+    from conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    Image.fromarray(photo(8, 8)).save(tmp_path / "face.png")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["image"].size == (64, 64)
+
+
+def test_help_texts_name_what_exists():
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    examples = [line for line in out.splitlines() if "python evaluate.py" in line]
+    names = [n for line in examples for n in re.findall(r"--model (\w+)", line)]
+    assert names and all(n in zoo.WEIGHTS for n in names), names
+    doc = subprocess.run([sys.executable, "-c", "import pydoc, hubconf; print(pydoc.render_doc(hubconf, renderer="
+                          "pydoc.plaintext))"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in ("glean_face_small_8x", "glean_face_16x", "stylegan2_ffhq_1024"):
+        assert f"{name}(*, pretrained" in doc
