@@ -126,6 +126,42 @@ def run_one(name: str, device: str, repeats: int, amp: bool, batch: int = 1, pat
     return out
 
 
+def large_activation_weights_(model, gain: float = 1.6, seed: int = 1):
+    """Random weights that make large activations (outputs with std ~10): N(0, 1) gain / sqrt(fan_in) for the
+    encoder and decoder, N(0, 1) for the bank's (equalized-lr) weights, 0.1 N(0, 1) for biases and noise strengths,
+    N(0, 1) noise maps. Rounding errors grow with the activations: a hard case for float32."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim >= 2:
+                std = 1.0 if n.startswith("bank.") else gain / p[0].numel() ** 0.5
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        for n, b in model.named_buffers():
+            if "injected_noise" in n:
+                b.copy_(torch.randn(b.shape, generator=g))
+    return model
+
+
+def precision(name: str) -> dict:
+    """Both paths' float32 error against the reference path run in float64, with large-activation weights."""
+    import glean
+    import glean_fast
+    cfg = glean.GLEANConfig(**CONFIGS[name])
+    ref = large_activation_weights_(glean.GLEAN(cfg).eval())
+    x = torch.rand(1, 3, cfg.in_size, cfg.in_size, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        y32 = ref(x).double()
+        fast = glean_fast.fast(ref)
+        yf = fast(x).double()
+        del fast
+        ref = ref.double()
+        y64 = ref(x.double())
+    return {"config": name, "output_std": y64.std().item(), "reference_fp32": (y32 - y64).abs().max().item(),
+            "fast_fp32": (yf - y64).abs().max().item()}
+
+
 TRAIN_CONFIGS = {  # name: (GLEANConfig kwargs, batch, steps)
     "small_8x": (dict(in_size=8, out_size=64, style_channels=96, channel_multiplier=1, channel_base=96,
                       rrdb_channels=32, num_rrdbs=3, rrdb_growth_channels=16), 16, 12),
@@ -183,10 +219,19 @@ def main():
     ap.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on CUDA)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--train", action="store_true", help="benchmark train.py's loop instead of inference")
+    ap.add_argument("--precision", action="store_true", help="instead of timing: both paths' float32 error against "
+                                                             "the reference in float64 (large activations)")
     ap.add_argument("--_one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.train:
         bench_train(list(TRAIN_CONFIGS), "" if args.device == "cpu" else args.device, args.threads)
+        return
+    if args.precision:
+        for name in (n for n in args.configs if CONFIGS[n] is not None):
+            r = precision(name)
+            print(f"{name:9s} max abs error vs float64 (output std {r['output_std']:.1f}): reference path (NCHW) "
+                  f"{r['reference_fp32']:.2e}, fast path (NHWC, strips) {r['fast_fp32']:.2e} "
+                  f"({r['fast_fp32'] / r['reference_fp32']:.1f}x)")
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,6 @@
 """The fast path (glean_fast) against the reference (glean.py): same results on whole images and strips, every
 ablation, gradients, the golden case, float32 error measured against float64; and the reference file itself."""
 import ast
-import math
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import torch
 import glean
 import glean_fast
 import stylegan2
+from bench import large_activation_weights_
 from conftest import ROOT, tiny_cfg
 
 
@@ -78,30 +78,13 @@ def test_training_gradients_equal_reference():
         torch.testing.assert_close(grads[1][n], g, atol=1e-5, rtol=1e-4, msg=n)
 
 
-def big_weights_(model, gain=1.6, seed=1):
-    """Weights that make large activations: N(0, 1) gain / sqrt(fan_in) for the encoder and decoder, N(0, 1) for the
-    bank's (equalized-lr) weights, 0.1 N(0, 1) for biases and noise strengths, N(0, 1) noise maps."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.ndim >= 2:
-                std = 1.0 if n.startswith("bank.") else gain / math.sqrt(p[0].numel())
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        for n, b in model.named_buffers():
-            if "injected_noise" in n:
-                b.copy_(torch.randn(b.shape, generator=g))
-    return model
-
-
 def test_fp32_error_against_float64():
     """The reference path run in float64 is the yardstick: on a reduced configuration with large activations
     (outputs with std ~10), the fast path's float32 error (NHWC kernels sum in another order, strips) stays within
     3x of the reference path's own float32 error."""
     cfg = glean.GLEANConfig(in_size=16, out_size=128, channel_base=128, style_channels=64, num_mlps=2,
                             rrdb_channels=32, num_rrdbs=2, rrdb_growth_channels=16, decoder_channels=32)
-    ref = big_weights_(glean.GLEAN(cfg).eval())
+    ref = large_activation_weights_(glean.GLEAN(cfg).eval())
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.no_grad():
         truth = glean.GLEAN(cfg).double().eval()
