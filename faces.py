@@ -1,0 +1,631 @@
+"""Faces in the wild: detection with 5 landmarks, alignment to a model's framing, and paste-back.
+
+GLEAN's face models only know faces framed like their training data. This module finds the faces of a photo,
+cuts each out framed like that, and puts the upscaled faces back.
+
+**Detection: MTCNN** (K. Zhang, Z. Zhang, Z. Li, Y. Qiao, "Joint Face Detection and Alignment using Multitask
+Cascaded Convolutional Networks", IEEE Signal Processing Letters 23(10), 2016), a cascade of three small CNNs:
+    P-Net   fully convolutional over an image pyramid (factor 0.709): each 12x12 window, stride 2, gives a face
+            probability p and box offsets t                                                         Sec. II-A stage 1
+    R-Net   the P-Net candidates, squared and resized to 24x24: p, t                                 stage 2
+    O-Net   the R-Net survivors at 48x48: p, t and 5 landmarks (eyes, nose, mouth corners)          stage 3
+Each stage keeps candidates with p above its threshold, refines boxes by regression
+    box' = box + t * (w, h, w, h)                                                                   Eq. (2)
+and removes duplicates with non-maximum suppression (NMS; IoU, and intersection over the smaller box at the end).
+Weights: the original authors' models as converted by facenet-pytorch 2.6.0 (MIT licence, T. Esler), stored as
+weights/mtcnn.safetensors (see weights/MTCNN.md; `python faces.py --convert DIR` rebuilds it from the wheel).
+
+**Alignment.** Every face model declares a template T: the normalised positions (in [0, 1]) of the 5 landmarks in
+its input frame. The similarity transform (rotation R, uniform scale s, translation t) that best maps the detected
+landmarks p_i onto q_i = size * T_i,
+    M = argmin_{s, R, t} sum_i || s R p_i + t - q_i ||^2                     (Umeyama, IEEE TPAMI 13(4), 1991)
+is applied with bicubic sampling; a face larger than the crop is first warped at its own scale and then shrunk
+with MATLAB's antialiased bicubic (`imresize`), the resize that made the models' training inputs.
+
+**Paste-back.** The upscaled face is warped back with the inverse of M (rescaled to the output's resolution) and
+blended into the background under a feathered mask m: out = bg + m (face - bg); where m = 0 the background is left
+bit for bit as it was.
+
+Coordinates (boxes, landmarks, templates, transforms): x to the right, y down, in pixels, with pixel (row i,
+column j) covering [j, j+1) x [i, i+1), so its centre is (j + 0.5, i + 0.5). Resizing an image by r then multiplies
+every coordinate by r exactly. (OpenCV and dlib put pixel centres at integers: add 0.5 to their coordinates.)
+Images: numpy arrays [H, W, C], float in [0, 1] (uint8 and uint16 are accepted and scaled).
+"""
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import nms, roi_align
+
+from glean import Weights, imresize, shipped_file
+from glean_io import CheckpointError, load_file, load_state_strict, save_file
+
+MTCNN_WEIGHTS = Weights(
+    "weights/mtcnn.safetensors", "505969c4", "mtcnn", {}, "face detection + 5 landmarks (MTCNN)",
+    "weights: MIT (facenet-pytorch 2.6.0, T. Esler), models of Zhang et al. 2016; see weights/MTCNN.md",
+    pixel_range="RGB in [0, 255], fed as (x - 127.5) / 128",
+    note="P-Net, R-Net and O-Net state dicts under the prefixes pnet., rnet., onet.")
+
+# FFHQ-aligned frame: the widely used 5-point template of a 512x512 FFHQ face (xinntao/facexlib
+# `face_restoration_helper.py`, "standard 5 landmarks for FFHQ faces with 512 x 512", as used by GFPGAN), given there
+# with pixel centres at integers (cv2.warpAffine); here +0.5 and / 512. Order: left eye, right eye, nose, left and
+# right mouth corner (left/right as seen in the image).
+FFHQ_TEMPLATE = (np.array([[192.98138, 239.94708], [318.90277, 240.19360], [256.63416, 314.01935],
+                           [201.26117, 371.41043], [313.08905, 371.15118]]) + 0.5) / 512
+
+# The framing `glean_face_small_8x` was fine-tuned on: CelebA 89x109 photos cropped at the box (left 8, top 23,
+# side 73) (+-5% jitter) and resized to 64. Mean MTCNN landmarks of 2000 such crops, measured with
+# `python faces.py --measure-template ../shared/data/celeba_89x109/images` (see docs/faces.md for the spread).
+# 1996 of 2000 images had a face; spread (std) per point 0.010-0.043, largest for the nose.
+GLEAN_FACE_SMALL_TEMPLATE = np.array([[0.3660, 0.4493], [0.6318, 0.4487], [0.4939, 0.6123],
+                                      [0.3789, 0.7325], [0.6171, 0.7318]])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images
+
+
+def as_float_image(image) -> np.ndarray:
+    """[H, W] or [H, W, C] uint8/uint16/float -> float32 [H, W, C] (values of integer images scaled to [0, 1])."""
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3:
+        raise ValueError(f"expected an image [H, W] or [H, W, C], got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"expected a uint8, uint16 or float image, got {a.dtype}")
+    return a.astype(np.float32, copy=False)
+
+
+def rgb_planes(image) -> torch.Tensor:
+    """An image [H, W, C] with C = 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA) -> RGB [3, H, W] float32 in
+    [0, 1]; grey is repeated, alpha dropped."""
+    a = as_float_image(image)
+    C = a.shape[2]
+    if C not in (1, 2, 3, 4):
+        raise ValueError(f"expected 1-4 channels (grey, grey+alpha, RGB, RGBA), got {C}")
+    t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)        # [C, H, W]
+    return t[:1].expand(3, -1, -1).contiguous() if C in (1, 2) else t[:3].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MTCNN networks. Layer names follow the converted weights (facenet-pytorch), so the file loads without renaming.
+
+
+def flatten_transposed(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, W*H*C] in (w, h, c) order: the original models were trained in Caffe on images stored
+    column-major (MATLAB), so their fully connected layers read the feature map transposed."""
+    B = x.shape[0]
+    return x.permute(0, 3, 2, 1).reshape(B, -1)
+
+
+class PNet(nn.Module):
+    """Proposal network: [B, 3, H, W] -> face probability [B, H', W'] and box offsets [B, 4, H', W'] of the 12x12
+    windows at stride 2 (H' = ceil((H - 2) / 2) - 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
+        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
+        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
+        self.conv4_1 = nn.Conv2d(32, 2, 1)     # face / not face
+        self.conv4_2 = nn.Conv2d(32, 4, 1)     # box offsets t
+
+    def forward(self, x: torch.Tensor):
+        x = F.max_pool2d(self.prelu1(self.conv1(x)), 2, 2, ceil_mode=True)   # [B, 10, ceil((H-2)/2), ...]
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))               # [B, 32, H', W']
+        return F.softmax(self.conv4_1(x), dim=1)[:, 1], self.conv4_2(x)
+
+
+class RNet(nn.Module):
+    """Refinement network: [B, 3, 24, 24] -> face probability [B], box offsets [B, 4]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
+        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
+        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
+        self.dense4, self.prelu4 = nn.Linear(576, 128), nn.PReLU(128)
+        self.dense5_1 = nn.Linear(128, 2)
+        self.dense5_2 = nn.Linear(128, 4)
+
+    def forward(self, x: torch.Tensor):
+        B = x.shape[0]
+        assert x.shape == (B, 3, 24, 24), x.shape
+        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)   # [B, 28, 11, 11]
+        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)   # [B, 48, 4, 4]
+        x = self.prelu3(self.conv3(x))                                        # [B, 64, 3, 3]
+        x = self.prelu4(self.dense4(flatten_transposed(x)))                   # [B, 128]
+        return F.softmax(self.dense5_1(x), dim=1)[:, 1], self.dense5_2(x)
+
+
+class ONet(nn.Module):
+    """Output network: [B, 3, 48, 48] -> face probability [B], box offsets [B, 4], landmarks [B, 10] (x of the 5
+    points, then y, as fractions of the input box)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
+        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
+        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
+        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
+        self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
+        self.dense6_1 = nn.Linear(256, 2)
+        self.dense6_2 = nn.Linear(256, 4)
+        self.dense6_3 = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor):
+        B = x.shape[0]
+        assert x.shape == (B, 3, 48, 48), x.shape
+        x = F.max_pool2d(self.prelu1(self.conv1(x)), 3, 2, ceil_mode=True)   # [B, 32, 23, 23]
+        x = F.max_pool2d(self.prelu2(self.conv2(x)), 3, 2, ceil_mode=True)   # [B, 64, 10, 10]
+        x = F.max_pool2d(self.prelu3(self.conv3(x)), 2, 2, ceil_mode=True)   # [B, 64, 4, 4]
+        x = self.prelu4(self.conv4(x))                                        # [B, 128, 3, 3]
+        x = self.prelu5(self.dense5(flatten_transposed(x)))                   # [B, 256]
+        return F.softmax(self.dense6_1(x), dim=1)[:, 1], self.dense6_2(x), self.dense6_3(x)
+
+
+class MTCNN(nn.Module):
+    """The three networks, named as in weights/mtcnn.safetensors (pnet.*, rnet.*, onet.*)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Detection
+
+
+@dataclass
+class Face:
+    box: tuple                # (x0, y0, x1, y1): the face's box in pixels (may reach outside the image)
+    score: float              # O-Net's face probability
+    landmarks: np.ndarray     # [5, 2] (x, y): left eye, right eye, nose, left, right mouth corner (as seen)
+
+
+@dataclass
+class DetectorConfig:
+    min_face: float = 20.0                   # smallest face searched for (box side, px; >= 12, P-Net's window)
+    factor: float = 0.709                    # image pyramid step (the original code's 0.709 ~ 1/sqrt(2))
+    thresholds: tuple = (0.6, 0.7, 0.7)      # face probability needed to pass P-, R- and O-Net
+    nms: tuple = (0.5, 0.7, 0.7, 0.7)        # NMS overlap: P-Net per scale (IoU), all scales (IoU), R-Net (IoU),
+    #                                          O-Net (intersection over the smaller box)
+
+
+def normalise(rgb: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] -> the networks' input: (255 x - 127.5) / 128."""
+    return (rgb * 255 - 127.5) / 128
+
+
+def square(boxes: torch.Tensor) -> torch.Tensor:
+    """[K, 4] boxes -> squares of side max(w, h) with the same centres."""
+    c = (boxes[:, :2] + boxes[:, 2:]) / 2
+    side = (boxes[:, 2:] - boxes[:, :2]).max(dim=1, keepdim=True).values
+    return torch.cat([c - side / 2, c + side / 2], dim=1)
+
+
+def regress(boxes: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Box regression: box + t * (w, h, w, h) for boxes [K, 4] and offsets t [K, 4].                Eq. (2)"""
+    wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+    return boxes + t * wh
+
+
+def nms_min(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Greedy NMS by intersection over the smaller box's area, so a box inside a larger, more confident one is
+    dropped; indices kept, best first. (Used on O-Net's few boxes; torchvision's nms is IoU only.)"""
+    order = scores.argsort(descending=True)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep = []
+    while order.numel():
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        lt = torch.maximum(boxes[i, :2], boxes[rest, :2])
+        rb = torch.minimum(boxes[i, 2:], boxes[rest, 2:])
+        inter = (rb - lt).clamp(min=0).prod(dim=1)
+        order = rest[inter / torch.minimum(area[i], area[rest]) <= threshold]
+    return torch.stack(keep) if keep else torch.zeros(0, dtype=torch.long)
+
+
+def crops(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """[1, 3, H, W] normalised image, [K, 4] boxes -> [K, 3, size, size]: each box resampled by roi_align (the
+    average of bilinear samples over each output cell, so large boxes are antialiased). Parts outside the image are
+    black (-1 after normalising), as in the original MTCNN's zero padding."""
+    rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], dim=1)           # [K, 5]: batch index, x0, y0, x1, y1
+    # roi_align reads 0 outside the image: shift black to 0 and back. aligned=True: pixel centres at j + 0.5.
+    return roi_align(x + 1, rois, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True) - 1
+
+
+class Detector:
+    """MTCNN face detector with 5 landmarks, over the shipped weights (hash-checked). No gradients; deterministic.
+
+        faces = load_detector().detect(image)       # image [H, W, C] float in [0, 1] or uint8
+    """
+
+    def __init__(self, cfg: DetectorConfig | None = None, *, weights=None, device="cpu"):
+        self.cfg = cfg or DetectorConfig()
+        path = Path(weights) if weights is not None else shipped_file(MTCNN_WEIGHTS)
+        with torch.device("meta"):
+            net = MTCNN()
+        sd = load_file(path)["state_dict"]
+        load_state_strict(net, sd, {k: k for k in net.state_dict()}, str(path))
+        self.net = net.eval().requires_grad_(False).to(device)
+        self.device = torch.device(device)
+
+    def pyramid(self, H: int, W: int, min_face: float) -> list:
+        """Scales at which P-Net's 12 px window covers faces of min_face, min_face / 0.709, ... up to the image."""
+        scales, s = [], 12 / min_face
+        while min(H, W) * s >= 12:
+            scales.append(s)
+            s *= self.cfg.factor
+        return scales
+
+    def stage1(self, x: torch.Tensor, min_face: float) -> torch.Tensor:
+        """P-Net over the pyramid -> candidate boxes [K, 4] (squared, regressed) with scores [K]."""
+        _, _, H, W = x.shape
+        t_p, (nms_scale, nms_all, _, _) = self.cfg.thresholds[0], self.cfg.nms
+        boxes, scores, offsets = [], [], []
+        for s in self.pyramid(H, W, min_face):
+            h, w = math.ceil(H * s), math.ceil(W * s)
+            xs = F.interpolate(x, size=(h, w), mode="area")                    # [1, 3, h, w]
+            prob, t = self.net.pnet(xs)                                        # [1, h', w'], [1, 4, h', w']
+            iy, ix = torch.nonzero(prob[0] >= t_p, as_tuple=True)
+            if not len(iy):
+                continue
+            # window (2j, 2i) .. (2j + 12, 2i + 12) of the scaled image, in the image's pixels
+            win = torch.stack([2 * ix, 2 * iy, 2 * ix + 12, 2 * iy + 12], dim=1).float()
+            win = win / torch.tensor([w / W, h / H, w / W, h / H], device=x.device)
+            sc, off = prob[0, iy, ix], t[0, :, iy, ix].T                        # [k], [k, 4]
+            keep = nms(win, sc, nms_scale)
+            boxes.append(win[keep]), scores.append(sc[keep]), offsets.append(off[keep])
+        if not boxes:
+            return torch.zeros(0, 4, device=x.device), torch.zeros(0, device=x.device)
+        boxes, scores, offsets = torch.cat(boxes), torch.cat(scores), torch.cat(offsets)
+        keep = nms(boxes, scores, nms_all)
+        return square(regress(boxes[keep], offsets[keep])), scores[keep]
+
+    def stage2(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """R-Net on 24x24 crops -> surviving boxes [K, 4] (squared, regressed)."""
+        prob, t = self.net.rnet(crops(x, boxes, 24))
+        ok = prob >= self.cfg.thresholds[1]
+        boxes, prob, t = boxes[ok], prob[ok], t[ok]
+        keep = nms(boxes, prob, self.cfg.nms[2])
+        return square(regress(boxes[keep], t[keep]))
+
+    def stage3(self, x: torch.Tensor, boxes: torch.Tensor):
+        """O-Net on 48x48 crops -> boxes [K, 4], scores [K], landmarks [K, 5, 2]."""
+        prob, t, lm = self.net.onet(crops(x, boxes, 48))
+        ok = prob >= self.cfg.thresholds[2]
+        boxes, prob, t, lm = boxes[ok], prob[ok], t[ok], lm[ok]
+        wh = boxes[:, 2:] - boxes[:, :2]                                        # [K, 2]
+        # landmarks: fractions of the box that went into O-Net (before its regression)
+        points = boxes[:, None, :2] + torch.stack([lm[:, :5], lm[:, 5:]], dim=2) * wh[:, None]   # [K, 5, 2]
+        boxes = regress(boxes, t)
+        keep = nms_min(boxes, prob, self.cfg.nms[3])
+        return boxes[keep], prob[keep], points[keep]
+
+    @torch.inference_mode()
+    def detect(self, image, min_face: float | None = None) -> list:
+        """All faces of `image` ([H, W, C] float in [0, 1], or uint8; grey is repeated, alpha ignored) whose box side
+        is at least about min_face px (default: the config's, 20; at least 12), largest first."""
+        min_face = max(12.0, self.cfg.min_face if min_face is None else float(min_face))
+        rgb = rgb_planes(image).to(self.device)
+        _, H, W = rgb.shape
+        if min(H, W) < 12:
+            return []
+        x = normalise(rgb)[None]                                                # [1, 3, H, W]
+        boxes, _ = self.stage1(x, min_face)
+        if len(boxes):
+            boxes = self.stage2(x, boxes)
+        if not len(boxes):
+            return []
+        boxes, scores, points = (v.double().cpu() for v in self.stage3(x, boxes))
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        return [Face(tuple(boxes[i].tolist()), float(scores[i]), points[i].numpy())
+                for i in area.argsort(descending=True).tolist()]
+
+
+@functools.lru_cache(maxsize=4)
+def load_detector(device: str = "cpu") -> Detector:
+    """The shipped MTCNN, loaded once per device."""
+    return Detector(device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Similarity transforms. M is a 2x3 float64 array: a point p maps to M[:, :2] @ p + M[:, 2].
+
+
+def similarity_transform(src, dst) -> np.ndarray:
+    """Least-squares similarity transform (rotation, uniform scale, translation; no reflection) mapping the points
+    src [N, 2] onto dst [N, 2] (Umeyama 1991, Eqs. 40-42). N >= 2 distinct points."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    assert src.shape == dst.shape and src.ndim == 2 and src.shape[1] == 2, (src.shape, dst.shape)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    S, D = src - mu_s, dst - mu_d                                  # centred, [N, 2]
+    var_s = (S ** 2).sum() / len(src)                              # sigma_x^2
+    if var_s == 0:
+        raise ValueError("similarity_transform needs at least two distinct source points")
+    cov = D.T @ S / len(src)                                       # Sigma_xy [2, 2]
+    U, sig, Vt = np.linalg.svd(cov)
+    E = np.diag([1.0, np.sign(np.linalg.det(U) * np.linalg.det(Vt)) or 1.0])   # no reflection
+    R = U @ E @ Vt                                                 # Eq. 40
+    c = np.trace(np.diag(sig) @ E) / var_s                         # Eq. 42
+    t = mu_d - c * R @ mu_s                                        # Eq. 41
+    return np.concatenate([c * R, t[:, None]], axis=1)
+
+
+def invert(M) -> np.ndarray:
+    """The inverse of a 2x3 affine transform."""
+    M = np.asarray(M, np.float64)
+    A_inv = np.linalg.inv(M[:, :2])
+    return np.concatenate([A_inv, -A_inv @ M[:, 2:]], axis=1)
+
+
+def apply(M, points) -> np.ndarray:
+    """Points [N, 2] -> M applied to them, [N, 2]."""
+    points = np.asarray(points, np.float64)
+    return points @ np.asarray(M)[:, :2].T + np.asarray(M)[:, 2]
+
+
+def scale_of(M) -> float:
+    """The transform's scale: output pixels per input pixel (sqrt |det|)."""
+    return float(math.sqrt(abs(np.linalg.det(np.asarray(M)[:, :2]))))
+
+
+def rescale(M, image_scale: float = 1.0, face_scale: float = 1.0) -> np.ndarray:
+    """M for images resized by the given factors: image -> aligned face becomes (image upscaled by image_scale)
+    -> (face upscaled by face_scale). E.g. paste a GLEAN output (face_scale = out_size / in_size) into the image
+    upscaled by the same factor: rescale(M, scale, scale)."""
+    M = np.asarray(M, np.float64)
+    return np.concatenate([M[:, :2] * (face_scale / image_scale), M[:, 2:] * face_scale], axis=1)
+
+
+def crop_scale(landmarks, template, model_in_size: int) -> float:
+    """How many image pixels span one pixel of the model's aligned input for this face: > 1 when the face holds
+    more detail than the model takes in (it is shrunk to fit: a model with a larger input would suit it better),
+    < 1 when the face is smaller than the input (it is enlarged before upscaling)."""
+    return 1 / scale_of(similarity_transform(landmarks, np.asarray(template) * model_in_size))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Warping
+
+
+def _grid(M_out_to_in, out_h: int, out_w: int, in_h: int, in_w: int, x0: int = 0, y0: int = 0) -> torch.Tensor:
+    """grid_sample grid [1, out_h, out_w, 2] sampling, for output pixel centres (x0 + j + 0.5, y0 + i + 0.5), the
+    input at M_out_to_in applied to them; normalised for align_corners=False (-1 and 1 at the input's outer edges)."""
+    ys = torch.arange(out_h, dtype=torch.float64) + y0 + 0.5
+    xs = torch.arange(out_w, dtype=torch.float64) + x0 + 0.5
+    A = torch.from_numpy(np.asarray(M_out_to_in, np.float64))
+    gx = A[0, 0] * xs[None, :] + A[0, 1] * ys[:, None] + A[0, 2]          # [out_h, out_w], input x
+    gy = A[1, 0] * xs[None, :] + A[1, 1] * ys[:, None] + A[1, 2]
+    return torch.stack([gx / in_w * 2 - 1, gy / in_h * 2 - 1], dim=-1)[None].float()
+
+
+def warp(planes: torch.Tensor, M, out_h: int, out_w: int, padding: str = "reflection") -> torch.Tensor:
+    """[C, H, W] -> [C, out_h, out_w]: out(p) = in(M^-1 p), bicubic (not antialiased: see align)."""
+    C, H, W = planes.shape
+    g = _grid(invert(M), out_h, out_w, H, W)
+    return F.grid_sample(planes[None], g, mode="bicubic", padding_mode=padding, align_corners=False)[0]
+
+
+def align(image, landmarks, template, size: int, *, antialias: bool = True):
+    """Cut out a face framed like a model's input: warp `image` [H, W, C] so that `landmarks` [5, 2] land on
+    `template` [5, 2] * size. Returns (aligned [size, size, C] float32, M: image -> aligned coordinates).
+
+    A face larger than `size` is warped at its own scale and then shrunk with MATLAB's antialiased bicubic (the
+    resize that made the models' low-resolution training inputs), not sampled sparsely. Parts of the crop beyond
+    the image border are mirrored (reflection about the border, like MATLAB's 'symmetric'); `coverage` says how
+    much of the crop lies inside the image. Values are clipped to [0, 1] (bicubic overshoot).
+    """
+    planes = torch.from_numpy(np.ascontiguousarray(as_float_image(image))).permute(2, 0, 1)   # [C, H, W]
+    M = similarity_transform(landmarks, np.asarray(template, np.float64) * size)
+    s = scale_of(M)                                    # aligned pixels per image pixel
+    if antialias and s < 1:
+        n = math.ceil(size / s)                        # the crop at (about) the face's own resolution
+        native = warp(planes, rescale(M, 1, n / size), n, n)
+        out = imresize(native.double(), size=size).float()   # [C, size, size]
+    else:
+        out = warp(planes, M, size, size)
+    return out.clamp(0, 1).permute(1, 2, 0).numpy(), M
+
+
+def coverage(image_shape, M, size: int) -> float:
+    """Fraction of an aligned size x size crop (M: image -> crop) that comes from inside the image (1: the face is
+    clear of the borders; less: the rest of the crop is mirrored)."""
+    H, W = image_shape[:2]
+    g = _grid(invert(M), size, size, H, W)[0]                               # [size, size, 2] in [-1, 1] inside
+    return float(((g.abs() <= 1).all(dim=-1)).double().mean())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Paste-back
+
+
+def feather_mask(u: torch.Tensor, v: torch.Tensor, size: int, feather: float) -> torch.Tensor:
+    """Mask of the face crop at crop coordinates (u, v): 0 at and beyond the crop's edges, rising smoothly
+    (smoothstep) to 1 at `feather` * size inside them."""
+    d = torch.minimum(torch.minimum(u, size - u), torch.minimum(v, size - v))  # distance to the nearest edge
+    r = (d / max(feather * size, 1e-9)).clamp(0, 1)
+    return r * r * (3 - 2 * r)
+
+
+def _footprint(shape, M, size: int):
+    """The pixel rectangle (x0, y0, x1, y1) of the background covered by the crop [0, size]^2 (M: background ->
+    crop), clipped to the background; None if empty."""
+    H, W = shape[:2]
+    corners = apply(invert(M), [[0, 0], [size, 0], [0, size], [size, size]])
+    x0, y0 = np.floor(corners.min(0)).astype(int)
+    x1, y1 = np.ceil(corners.max(0)).astype(int)
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def _region_mask(shape, M, size: int, feather: float):
+    """(footprint rectangle, mask [h, w] over it, grid [1, h, w, 2] into the crop) or None."""
+    box = _footprint(shape, M, size)
+    if box is None:
+        return None
+    x0, y0, x1, y1 = box
+    g = _grid(M, y1 - y0, x1 - x0, size, size, x0, y0)                    # [1, h, w, 2], normalised crop coords
+    u, v = (g[0, ..., 0].double() + 1) * size / 2, (g[0, ..., 1].double() + 1) * size / 2
+    return box, feather_mask(u, v, size, feather), g
+
+
+def face_mask(shape, M, size: int, feather: float = 0.1) -> np.ndarray:
+    """The blending mask [H, W] float32 that paste_back uses for a crop of side `size` (M: background -> crop)."""
+    out = np.zeros(shape[:2], np.float32)
+    r = _region_mask(shape, M, size, feather)
+    if r is not None:
+        (x0, y0, x1, y1), m, _ = r
+        out[y0:y1, x0:x1] = m.numpy()
+    return out
+
+
+def paste_back(background, face, M, *, feather: float = 0.1) -> np.ndarray:
+    """Blend `face` [s, s, C] into `background` [H, W, C] (both float in [0, 1]), where M maps background
+    coordinates to face coordinates (align's M, passed through `rescale` when the images were upscaled).
+
+    out = bg + m (face(M p) - bg) with the feathered mask m of `feather_mask`; pixels where m = 0 are the
+    background's, exactly. Blended pixels are clipped to [0, 1]. A face denser than the background (M's scale > 1)
+    is first shrunk with antialiased bicubic. For several faces, call once per face on the previous result.
+    """
+    bg = as_float_image(background)
+    fc = as_float_image(face)
+    s = fc.shape[0]
+    assert fc.shape[:2] == (s, s) and fc.shape[2] == bg.shape[2], (fc.shape, bg.shape)
+    planes = torch.from_numpy(np.ascontiguousarray(fc)).permute(2, 0, 1)       # [C, s, s]
+    k = scale_of(M)
+    if k > 1:                                                                    # antialias: one face px per bg px
+        n = max(1, round(s / k))
+        planes, M, s = imresize(planes.double(), size=n).float(), rescale(M, 1, n / s), n
+    out = bg.copy()
+    r = _region_mask(bg.shape, M, s, feather)
+    if r is None:
+        return out
+    (x0, y0, x1, y1), m, g = r
+    warped = F.grid_sample(planes[None], g, mode="bicubic", padding_mode="border", align_corners=False)[0]
+    region = torch.from_numpy(out[y0:y1, x0:x1]).permute(2, 0, 1).double()   # [C, h, w]
+    blended = (region + m * (warped.double() - region)).clamp(0, 1)
+    region = torch.where(m > 0, blended, region)                                # m = 0: background, bit for bit
+    out[y0:y1, x0:x1] = region.permute(1, 2, 0).numpy().astype(out.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Templates
+
+
+def read_rgb(path) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def measure_template(detector: Detector, images, box: tuple, size: int = 256):
+    """Mean landmark positions of the faces in the square `box` (left, top, side) of `images` (arrays or paths),
+    normalised to the box ([0, 1]). Each image is enlarged so the box is `size` px (MTCNN needs faces of 12+ px)
+    and searched whole; the largest face whose centre lies in the box counts. Returns (mean [5, 2], std [5, 2],
+    number of images with a face)."""
+    left, top, side = box
+    r = size / side
+    found = []
+    for image in images:
+        a = read_rgb(image) if isinstance(image, (str, Path)) else as_float_image(image)
+        t = rgb_planes(a).double()                                               # [3, H, W]
+        big = imresize(t, scale=r).clamp(0, 1).float()                           # [3, ceil(rH), ceil(rW)]
+        scale = torch.tensor([big.shape[2] / t.shape[2], big.shape[1] / t.shape[1]], dtype=torch.float64)
+        for f in detector.detect(big.permute(1, 2, 0).numpy()):
+            cx, cy = (f.box[0] + f.box[2]) / 2 / scale[0], (f.box[1] + f.box[3]) / 2 / scale[1]
+            if left <= cx < left + side and top <= cy < top + side:
+                lm = f.landmarks / scale.numpy()                                   # image pixels
+                found.append((lm - np.array([left, top])) / side)
+                break
+    if not found:
+        raise ValueError("no face found in any image: check the box")
+    found = np.stack(found)                                                      # [n, 5, 2]
+    return found.mean(0), found.std(0), len(found)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights conversion (facenet-pytorch's three state dicts -> one safetensors file)
+
+
+def convert(src_dir, out=None) -> Path:
+    """Read pnet.pt, rnet.pt, onet.pt (plain state dicts, loaded with weights_only=True) from `src_dir` (the
+    facenet_pytorch/data folder of the facenet-pytorch 2.6.0 wheel) and write them, checked against our networks,
+    as one safetensors file (default: weights/mtcnn.safetensors next to this file)."""
+    src_dir = Path(src_dir)
+    out = Path(out) if out else Path(__file__).resolve().parent / MTCNN_WEIGHTS.url
+    sd = {}
+    for name in ("pnet", "rnet", "onet"):
+        part = torch.load(src_dir / f"{name}.pt", map_location="cpu", weights_only=True)
+        sd.update({f"{name}.{k}": v.float().contiguous() for k, v in part.items()})
+    net = MTCNN()
+    load_state_strict(net, sd, {k: k for k in net.state_dict()}, str(src_dir))    # every key and shape present
+    about = {"source": "facenet-pytorch 2.6.0 (pip wheel), facenet_pytorch/data/{p,r,o}net.pt",
+             "license": "MIT (facenet-pytorch, Copyright (c) 2019 Timothy Esler)",
+             "paper": "Zhang, Zhang, Li, Qiao: Joint Face Detection and Alignment using Multitask Cascaded "
+                      "Convolutional Networks, IEEE SPL 2016"}
+    # one metadata entry: safetensors writes several in hash order, which would change the file's sha256 per run
+    save_file({"state_dict": sd, "metadata": {"mtcnn": json.dumps(about, sort_keys=True)}}, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurements (python faces.py --measure-template DIR, --rates DIR, --speed)
+
+
+def face_scene(sizes=(40, 56, 72, 96, 128), width: int = 640, height: int = 480, gap: int = 16):
+    """A synthetic photo of several faces: squares around the astronaut's head (scikit-image, public domain) of
+    the given sides, in rows on the rocket picture. Returns (image [height, width, 3] float32, [(x0, y0, side)])."""
+    from skimage import data
+    bg = torch.from_numpy(data.rocket()).permute(2, 0, 1).double() / 255
+    canvas = imresize(bg, size=(height, width)).clamp(0, 1)                  # [3, height, width]
+    head = torch.from_numpy(data.astronaut()[20:200, 135:315]).permute(2, 0, 1).double() / 255   # [3, 180, 180]
+    placed, x, y, row = [], gap, gap, 0
+    for s in sizes:
+        if x + s > width - gap:
+            x, y, row = gap, y + row + gap, 0
+        if y + s > height - gap:
+            raise ValueError(f"faces of sides {sizes} do not fit in {width}x{height}")
+        canvas[:, y:y + s, x:x + s] = imresize(head, size=s).clamp(0, 1)
+        placed.append((x, y, s))
+        x, row = x + s + gap, max(row, s)
+    return canvas.permute(1, 2, 0).float().numpy(), placed
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--convert", metavar="DIR", help="rebuild weights/mtcnn.safetensors from facenet_pytorch/data")
+    ap.add_argument("--out", help="output file of --convert")
+    ap.add_argument("--measure-template", metavar="DIR", help="CelebA 89x109 folder: the shipped model's template")
+    ap.add_argument("--count", type=int, default=2000, help="images for --measure-template")
+    args = ap.parse_args(argv)
+    if args.convert:
+        print(convert(args.convert, args.out))
+    if args.measure_template:
+        files = sorted(Path(args.measure_template).glob("*.jpg"))[:args.count]
+        t0 = time.perf_counter()
+        mean, std, n = measure_template(load_detector(), files, (8, 23, 73))
+        np.set_printoptions(precision=4, suppress=True)
+        print(f"{n} of {len(files)} images with a face ({time.perf_counter() - t0:.0f} s)")
+        print("mean:\n", mean, "\nstd:\n", std)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
