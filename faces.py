@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torchvision.ops import nms, roi_align
 
 from glean import Weights, imresize, shipped_file
-from glean_io import CheckpointError, load_file, load_state_strict, save_file
+from glean_io import load_file, load_state_strict, save_file
 
 MTCNN_WEIGHTS = Weights(
     "weights/mtcnn.safetensors", "505969c4", "mtcnn", {}, "face detection + 5 landmarks (MTCNN)",
@@ -407,12 +407,12 @@ def crop_scale(landmarks, template, model_in_size: int) -> float:
 def _grid(M_out_to_in, out_h: int, out_w: int, in_h: int, in_w: int, x0: int = 0, y0: int = 0) -> torch.Tensor:
     """grid_sample grid [1, out_h, out_w, 2] sampling, for output pixel centres (x0 + j + 0.5, y0 + i + 0.5), the
     input at M_out_to_in applied to them; normalised for align_corners=False (-1 and 1 at the input's outer edges)."""
-    ys = torch.arange(out_h, dtype=torch.float64) + y0 + 0.5
-    xs = torch.arange(out_w, dtype=torch.float64) + x0 + 0.5
-    A = torch.from_numpy(np.asarray(M_out_to_in, np.float64))
-    gx = A[0, 0] * xs[None, :] + A[0, 1] * ys[:, None] + A[0, 2]          # [out_h, out_w], input x
-    gy = A[1, 0] * xs[None, :] + A[1, 1] * ys[:, None] + A[1, 2]
-    return torch.stack([gx / in_w * 2 - 1, gy / in_h * 2 - 1], dim=-1)[None].float()
+    A = np.asarray(M_out_to_in, np.float64) * np.array([[2 / in_w], [2 / in_h]])   # to [-1, 1] units ...
+    A[:, 2] += A[:, :2] @ [x0 + 0.5, y0 + 0.5] - 1                          # ... from the output pixel (0, 0)
+    xs, ys = torch.arange(out_w, dtype=torch.float32), torch.arange(out_h, dtype=torch.float32)
+    gx = A[0, 0] * xs[None, :] + (A[0, 1] * ys + A[0, 2])[:, None]          # [out_h, out_w]
+    gy = A[1, 0] * xs[None, :] + (A[1, 1] * ys + A[1, 2])[:, None]
+    return torch.stack([gx, gy], dim=-1)[None]                              # [1, out_h, out_w, 2]
 
 
 def warp(planes: torch.Tensor, M, out_h: int, out_w: int, padding: str = "reflection") -> torch.Tensor:
@@ -481,7 +481,7 @@ def _region_mask(shape, M, size: int, feather: float):
         return None
     x0, y0, x1, y1 = box
     g = _grid(M, y1 - y0, x1 - x0, size, size, x0, y0)                    # [1, h, w, 2], normalised crop coords
-    u, v = (g[0, ..., 0].double() + 1) * size / 2, (g[0, ..., 1].double() + 1) * size / 2
+    u, v = (g[0, ..., 0] + 1) * (size / 2), (g[0, ..., 1] + 1) * (size / 2)
     return box, feather_mask(u, v, size, feather), g
 
 
@@ -497,32 +497,37 @@ def face_mask(shape, M, size: int, feather: float = 0.1) -> np.ndarray:
 
 def paste_back(background, face, M, *, feather: float = 0.1) -> np.ndarray:
     """Blend `face` [s, s, C] into `background` [H, W, C] (both float in [0, 1]), where M maps background
-    coordinates to face coordinates (align's M, passed through `rescale` when the images were upscaled).
+    coordinates to face coordinates (align's M, passed through `rescale` when the images were upscaled). Several
+    faces: lists of faces and of transforms, pasted in order (one copy of the background).
 
     out = bg + m (face(M p) - bg) with the feathered mask m of `feather_mask`; pixels where m = 0 are the
     background's, exactly. Blended pixels are clipped to [0, 1]. A face denser than the background (M's scale > 1)
-    is first shrunk with antialiased bicubic. For several faces, call once per face on the previous result.
+    is first shrunk with antialiased bicubic. Returns a new array of the background's shape and float dtype.
     """
-    bg = as_float_image(background)
-    fc = as_float_image(face)
+    out = as_float_image(background).copy()
+    pairs = zip(face, M) if isinstance(face, (list, tuple)) else [(face, M)]
+    for fc, m in pairs:
+        _paste_into(out, as_float_image(fc), m, feather)
+    return out
+
+
+def _paste_into(out: np.ndarray, fc: np.ndarray, M, feather: float) -> None:
+    """paste_back of one face, in place on out [H, W, C]."""
     s = fc.shape[0]
-    assert fc.shape[:2] == (s, s) and fc.shape[2] == bg.shape[2], (fc.shape, bg.shape)
+    assert fc.shape[:2] == (s, s) and fc.shape[2] == out.shape[2], (fc.shape, out.shape)
     planes = torch.from_numpy(np.ascontiguousarray(fc)).permute(2, 0, 1)       # [C, s, s]
     k = scale_of(M)
     if k > 1:                                                                    # antialias: one face px per bg px
         n = max(1, round(s / k))
         planes, M, s = imresize(planes.double(), size=n).float(), rescale(M, 1, n / s), n
-    out = bg.copy()
-    r = _region_mask(bg.shape, M, s, feather)
+    r = _region_mask(out.shape, M, s, feather)
     if r is None:
-        return out
+        return
     (x0, y0, x1, y1), m, g = r
     warped = F.grid_sample(planes[None], g, mode="bicubic", padding_mode="border", align_corners=False)[0]
-    region = torch.from_numpy(out[y0:y1, x0:x1]).permute(2, 0, 1).double()   # [C, h, w]
-    blended = (region + m * (warped.double() - region)).clamp(0, 1)
-    region = torch.where(m > 0, blended, region)                                # m = 0: background, bit for bit
-    out[y0:y1, x0:x1] = region.permute(1, 2, 0).numpy().astype(out.dtype)
-    return out
+    region = torch.from_numpy(out[y0:y1, x0:x1]).permute(2, 0, 1)             # [C, h, w], a view of out
+    blended = (region + m.to(region.dtype) * (warped.to(region.dtype) - region)).clamp(0, 1)
+    region.copy_(torch.where(m > 0, blended, region))                          # m = 0: background, bit for bit
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -608,22 +613,149 @@ def face_scene(sizes=(40, 56, 72, 96, 128), width: int = 640, height: int = 480,
     return canvas.permute(1, 2, 0).float().numpy(), placed
 
 
+def dlib_detector(upsample: int = 1):
+    """The alternative measured in docs/faces.md: dlib's HOG detector (frontal faces; 80 px windows, halved per
+    `upsample`) and its CC0 5-point predictor from face_recognition_models. image [H, W, 3] float -> [Face], with
+    dlib's 5 points (eye corners and the base of the nose: no mouth) as landmarks and score = HOG margin."""
+    import importlib.util
+    import dlib
+    spec = importlib.util.find_spec("face_recognition_models")                 # its __init__ needs pkg_resources
+    if spec is None:
+        raise ImportError("pip install face_recognition_models (dlib's CC0 5-point model)")
+    models = Path(spec.origin).parent / "models"
+    hog = dlib.get_frontal_face_detector()
+    points = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
+
+    def detect(image) -> list:
+        # C-contiguous: dlib-bin 20.0.1 reads strided arrays wrongly (detections then vary from call to call)
+        a = np.ascontiguousarray((rgb_planes(image).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        rects, scores, _ = hog.run(a, upsample, 0.0)
+        out = []
+        for r, sc in zip(rects, scores):
+            lm = np.array([[p.x, p.y] for p in points(a, r).parts()], np.float64) + 0.5   # centres at j + 0.5
+            out.append(Face((r.left() + 0.5, r.top() + 0.5, r.right() + 1.5, r.bottom() + 1.5), float(sc), lm))
+        return sorted(out, key=lambda f: -(f.box[2] - f.box[0]))
+    return detect
+
+
+def detection_rates(files, widths, detectors: dict) -> dict:
+    """Detection rate against face size on aligned, centred face crops (e.g. LFW's): each image is resized (MATLAB
+    bicubic) so that its face box (MTCNN's at full size, median over `files`) is `width` px. A detection counts as
+    a hit when its box centre is within 0.3 width of where the face is; other detections are false alarms.
+    Landmark error: the largest distance of a detector's 5 points from its own at full size (scaled), in eye
+    distances (MTCNN's median eye distance at that size, for every detector)."""
+    ref = load_detector()
+    full = [as_float_image(read_rgb(f)) for f in files]
+    first = [ref.detect(a) for a in full]
+    boxes = np.array([f[0].box for f in first if f])                            # [n, 4]
+    box_w = float(np.median(boxes[:, 2] - boxes[:, 0]))
+    centre = np.median((boxes[:, :2] + boxes[:, 2:]) / 2, axis=0)
+    iod = float(np.median([np.linalg.norm(f[0].landmarks[1] - f[0].landmarks[0]) for f in first if f]))
+    results = {"files": len(files), "box_w": box_w, "iod": iod, "centre": centre.tolist(), "rows": []}
+    own = {name: [det(a) for a in full] for name, det in detectors.items()}      # full-size landmarks per detector
+    for w in widths:
+        r = w / box_w
+        row = {"width": w, "iod": iod * r, "image": math.ceil(full[0].shape[1] * r)}
+        small = [imresize(torch.from_numpy(a).permute(2, 0, 1).double(), scale=r).clamp(0, 1).permute(1, 2, 0)
+                 .float().numpy() for a in full]
+        for name, det in detectors.items():
+            hits, false, err = 0, 0, []
+            for a, big in zip(small, own[name]):
+                found = det(a)
+                c = centre * a.shape[1] / full[0].shape[1]
+                ok = [f for f in found if np.hypot(*((np.array(f.box[:2]) + f.box[2:]) / 2 - c)) < 0.3 * w]
+                hits += bool(ok)
+                false += len(found) - min(len(ok), 1)
+                if ok and big:
+                    ref_lm = big[0].landmarks * a.shape[1] / full[0].shape[1]
+                    err.append(np.linalg.norm(ok[0].landmarks - ref_lm, axis=1).max() / row["iod"])
+            row[name] = {"rate": hits / len(full), "false": false, "lm_err": float(np.median(err)) if err else None}
+        results["rows"].append(row)
+    return results
+
+
+def timed(fn, repeat: int = 5):
+    """(result, median seconds of `repeat` calls after one warm-up)."""
+    out = fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, float(np.median(times))
+
+
+def pipeline_times(image, model_name: str = "glean_face_small_8x", template=GLEAN_FACE_SMALL_TEMPLATE) -> dict:
+    """Seconds per stage of upscaling every face of `image` with a GLEAN model: detection, alignment to the model's
+    template at its input size, GLEAN (one batch), the bicubic background at the model's scale, paste-back."""
+    import glean
+    model = glean.load_pretrained(model_name)
+    n_in, n_out = model.cfg.in_size, model.cfg.out_size
+    scale = n_out // n_in
+    det = load_detector()
+    t, found = {}, None
+    found, t["detect"] = timed(lambda: det.detect(image))
+    crops, t["align"] = timed(lambda: [align(image, f.landmarks, template, n_in) for f in found])
+    x = torch.from_numpy(np.stack([c for c, _ in crops])).permute(0, 3, 1, 2) * 2 - 1   # [B, 3, in, in]
+    with torch.inference_mode():
+        y, t["glean"] = timed(lambda: ((model(x).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
+    planes = torch.from_numpy(as_float_image(image)).permute(2, 0, 1)
+    bg, t["background"] = timed(lambda: imresize(planes, scale=scale).clamp(0, 1).permute(1, 2, 0).numpy())
+    Ms = [rescale(M, scale, scale) for _, M in crops]
+    _, t["paste"] = timed(lambda: paste_back(bg, list(y), Ms))
+    t["total"] = sum(t.values())
+    t["faces"] = len(found)
+    return t
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--convert", metavar="DIR", help="rebuild weights/mtcnn.safetensors from facenet_pytorch/data")
     ap.add_argument("--out", help="output file of --convert")
     ap.add_argument("--measure-template", metavar="DIR", help="CelebA 89x109 folder: the shipped model's template")
+    ap.add_argument("--box", type=int, nargs=3, default=(8, 23, 73), metavar=("LEFT", "TOP", "SIDE"),
+                    help="crop box of --measure-template (default: the shipped model's, in CelebA's 89x109 photos)")
     ap.add_argument("--count", type=int, default=2000, help="images for --measure-template")
+    ap.add_argument("--rates", metavar="DIR", help="detection rate against face size on the first 300 images of DIR "
+                    "(aligned face crops, e.g. lfw_val_128/images), MTCNN and dlib HOG")
+    ap.add_argument("--speed", action="store_true", help="detection times on synthetic scenes, and the whole "
+                    "--faces pipeline with the shipped model")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    np.set_printoptions(precision=4, suppress=True)
     if args.convert:
         print(convert(args.convert, args.out))
     if args.measure_template:
-        files = sorted(Path(args.measure_template).glob("*.jpg"))[:args.count]
+        files = sorted(p for p in Path(args.measure_template).iterdir() if p.suffix in (".png", ".jpg"))
+        files = files[:args.count]
         t0 = time.perf_counter()
-        mean, std, n = measure_template(load_detector(), files, (8, 23, 73))
-        np.set_printoptions(precision=4, suppress=True)
+        mean, std, n = measure_template(load_detector(), files, tuple(args.box))
         print(f"{n} of {len(files)} images with a face ({time.perf_counter() - t0:.0f} s)")
         print("mean:\n", mean, "\nstd:\n", std)
+    if args.rates:
+        files = sorted(p for p in Path(args.rates).iterdir() if p.suffix in (".png", ".jpg"))[:300]
+        d12, d20 = Detector(DetectorConfig(min_face=12)), load_detector()
+        dets = {"MTCNN (min 12)": d12.detect, "MTCNN (min 20)": d20.detect,
+                **{f"dlib HOG (up {u})": dlib_detector(u) for u in (0, 1, 2)}}
+        res = detection_rates(files, (8, 10, 12, 16, 20, 24, 32, 48, 64, 96), dets)
+        print(f"{res['files']} images; at full size MTCNN box {res['box_w']:.1f} px, eye distance {res['iod']:.1f} px")
+        print("| face box (px) | eye dist. (px) | image (px) | " + " | ".join(dets) + " |")
+        print("| --- " * (3 + len(dets)) + "|")
+        for row in res["rows"]:
+            cells = [f"{row[n]['rate']:.0%} ({row[n]['false']}; " + (f"{row[n]['lm_err']:.2f})" if row[n]['lm_err']
+                     is not None else "-)") for n in dets]
+            print(f"| {row['width']} | {row['iod']:.1f} | {row['image']} | " + " | ".join(cells) + " |")
+    if args.speed:
+        for w, h, sizes in ((640, 480, (40, 56, 72, 96, 128)), (1024, 768, (64, 96, 128, 192, 256))):
+            img, placed = face_scene(sizes, w, h)
+            for name, det in (("MTCNN (min 20)", load_detector().detect), ("dlib HOG (up 0)", dlib_detector(0)),
+                              ("dlib HOG (up 1)", dlib_detector(1))):
+                found, sec = timed(functools.partial(det, img))
+                print(f"{w}x{h}, {len(placed)} faces: {name} finds {len(found)} in {1000 * sec:.0f} ms")
+        t = pipeline_times(face_scene()[0])
+        print("640x480, 5 faces, glean_face_small_8x (8x): " + ", ".join(
+            f"{k} {v * 1000:.0f} ms" if k != "faces" else f"{v} faces" for k, v in t.items()))
     return 0
 
 

@@ -241,13 +241,15 @@ def test_paste_back_leaves_the_background_outside_the_masks(astronaut):
     rng = np.random.default_rng(2)
     small = astronaut[::4, ::4].astype(np.float32) / 255                    # [128, 128, 3]
     bg = resized(small, 4)                                                  # the bicubic background, [512, 512, 3]
-    out, masks = bg, []
+    out, masks, crops, transforms = bg, [], [], []
     for centre, size in [((100, 100), 64), ((300, 250), 32), ((500, 20), 64), ((-10, 400), 128)]:  # 2 at borders
         M = random_similarity(rng, (0.3, 0.6))                              # background -> face crop
         M[:, 2] += np.array([size / 2, size / 2]) - faces.apply(M, [centre])[0]
         face = rng.uniform(0, 1, (size, size, 3)).astype(np.float32)
         out = faces.paste_back(out, face, M, feather=0.15)
         masks.append(faces.face_mask(bg.shape, M, size, 0.15))
+        crops.append(face), transforms.append(M)
+    assert np.array_equal(faces.paste_back(bg, crops, transforms, feather=0.15), out)   # all at once: the same
     outside = np.max(masks, axis=0) == 0
     assert out.dtype == bg.dtype and out.shape == bg.shape
     assert np.array_equal(out[outside], bg[outside])                       # bit for bit
@@ -307,3 +309,30 @@ def test_weights_are_loaded_strictly(tmp_path):
     save_file(sd, str(tmp_path / "m.safetensors"))
     with pytest.raises(CheckpointError, match="onet.dense6_3.weight"):
         faces.Detector(weights=tmp_path / "m.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurement helpers (python faces.py --rates / --speed)
+
+
+def test_detection_rates_and_the_dlib_comparison(tmp_path, astronaut):
+    from PIL import Image
+    files = []
+    for i, (top, left) in enumerate([(20, 135), (30, 140), (15, 130)]):       # centred head crops, 180 px
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(astronaut[top:top + 180, left:left + 180]).save(files[-1])
+    dets = {"mtcnn": faces.load_detector().detect}
+    try:
+        dets["dlib"] = faces.dlib_detector(1)
+    except ImportError:
+        pass
+    res = faces.detection_rates(files, (6, 40), dets)
+    assert res["files"] == 3 and 80 < res["box_w"] < 95
+    small, large = res["rows"]
+    assert small["mtcnn"]["rate"] == 0.0 and large["mtcnn"]["rate"] == 1.0   # 13 px images: below the pyramid
+    assert large["mtcnn"]["lm_err"] < 0.15
+    if "dlib" in dets:
+        assert small["dlib"]["rate"] == 0.0 and large["dlib"]["rate"] == 1.0
+        found = dets["dlib"](astronaut)                     # (it also fires on the mission patch)
+        x0, y0, x1, y1 = found[0].box
+        assert x0 < ASTRONAUT_LM[2, 0] < x1 and y0 < ASTRONAUT_LM[2, 1] < y1 and found[0].landmarks.shape == (5, 2)
