@@ -24,6 +24,15 @@ def resized(a, r: float) -> np.ndarray:
     return glean.imresize(t, scale=r).clamp(0, 1).permute(1, 2, 0).float().numpy()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """MTCNN's ops are small: one thread is about as fast as two, and does not stall when the cores are busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def detector():
     return faces.load_detector()
@@ -32,6 +41,15 @@ def detector():
 @pytest.fixture(scope="module")
 def astronaut():
     return data.astronaut()
+
+
+@pytest.fixture(scope="module")
+def head(astronaut):
+    """The 256x256 top of the picture around the face (cheaper to search than the whole picture)."""
+    return astronaut[:256, HEAD_X:HEAD_X + 256]
+
+
+HEAD_X = 96
 
 
 def assert_plausible(face, tol=0.0):
@@ -72,21 +90,21 @@ def test_no_face_in_face_free_pictures(detector, name):
     assert detector.detect(getattr(data, name)(), min_face=12) == []
 
 
-def test_uint8_and_float_agree_and_detection_is_deterministic(detector, astronaut):
-    a = detector.detect(astronaut)
-    b = detector.detect(astronaut.astype(np.float32) / 255)
-    c = detector.detect(astronaut)
+def test_uint8_and_float_agree_and_detection_is_deterministic(detector, head):
+    a = detector.detect(head)
+    b = detector.detect(head.astype(np.float32) / 255)
+    c = detector.detect(head)
     assert len(a) == len(b) == 1
     np.testing.assert_allclose(a[0].landmarks, b[0].landmarks, atol=1e-3)
     assert a[0].box == c[0].box and np.array_equal(a[0].landmarks, c[0].landmarks)
 
 
-def test_grey_and_alpha_inputs(detector, astronaut):
-    grey = (astronaut @ np.array([0.299, 0.587, 0.114])).astype(np.float32) / 255     # [H, W]
-    colour = detector.detect(astronaut)[0]
+def test_grey_and_alpha_inputs(detector, head):
+    grey = (head @ np.array([0.299, 0.587, 0.114])).astype(np.float32) / 255          # [H, W]
+    colour = detector.detect(head)[0]
     alpha = np.full_like(grey, 0.5)
     for img in (grey, grey[..., None], np.stack([grey, alpha], -1),
-                np.concatenate([astronaut / 255, alpha[..., None]], -1)):
+                np.concatenate([head / 255, alpha[..., None]], -1)):
         found = detector.detect(img)
         assert len(found) == 1
         assert np.abs(found[0].landmarks - colour.landmarks).max() < 3
@@ -226,11 +244,11 @@ def test_templates_are_in_landmark_order():
         assert t[:2, 1].max() < t[2, 1] < t[3:, 1].min()
 
 
-def test_measure_template(detector, astronaut):
-    box = (150, 40, 150)                                              # left, top, side
-    mean, std, n = faces.measure_template(detector, [astronaut, astronaut], box)
+def test_measure_template(detector, head):
+    box = (150 - HEAD_X, 40, 150)                                     # left, top, side
+    mean, std, n = faces.measure_template(detector, [head, head], box, size=200)
     assert n == 2 and std.max() < 1e-6
-    np.testing.assert_allclose(mean, (ASTRONAUT_LM - box[:2]) / box[2], atol=0.01)
+    np.testing.assert_allclose(mean, (ASTRONAUT_LM - [150, 40]) / box[2], atol=0.01)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,7 +336,7 @@ def test_weights_are_loaded_strictly(tmp_path):
 def test_detection_rates_and_the_dlib_comparison(tmp_path, astronaut):
     from PIL import Image
     files = []
-    for i, (top, left) in enumerate([(20, 135), (30, 140), (15, 130)]):       # centred head crops, 180 px
+    for i, (top, left) in enumerate([(20, 135), (30, 140)]):                  # centred head crops, 180 px
         files.append(tmp_path / f"{i}.png")
         Image.fromarray(astronaut[top:top + 180, left:left + 180]).save(files[-1])
     dets = {"mtcnn": faces.load_detector().detect}
@@ -327,12 +345,13 @@ def test_detection_rates_and_the_dlib_comparison(tmp_path, astronaut):
     except ImportError:
         pass
     res = faces.detection_rates(files, (6, 40), dets)
-    assert res["files"] == 3 and 80 < res["box_w"] < 95
+    assert res["files"] == 2 and 80 < res["box_w"] < 95
     small, large = res["rows"]
     assert small["mtcnn"]["rate"] == 0.0 and large["mtcnn"]["rate"] == 1.0   # 13 px images: below the pyramid
     assert large["mtcnn"]["lm_err"] < 0.15
     if "dlib" in dets:
         assert small["dlib"]["rate"] == 0.0 and large["dlib"]["rate"] == 1.0
-        found = dets["dlib"](astronaut)                     # (it also fires on the mission patch)
+        found = dets["dlib"](astronaut[:256, HEAD_X:HEAD_X + 256])
         x0, y0, x1, y1 = found[0].box
-        assert x0 < ASTRONAUT_LM[2, 0] < x1 and y0 < ASTRONAUT_LM[2, 1] < y1 and found[0].landmarks.shape == (5, 2)
+        nose = ASTRONAUT_LM[2] - [HEAD_X, 0]
+        assert x0 < nose[0] < x1 and y0 < nose[1] < y1 and found[0].landmarks.shape == (5, 2)
