@@ -46,7 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import nms, roi_align
 
-from glean import Weights, imresize, shipped_file
+from images import imresize, read_rgb
+from zoo import CELEBA_64, FFHQ, Weights, shipped_file
 from glean_io import load_file, load_state_strict, save_file
 
 MTCNN_WEIGHTS = Weights(
@@ -55,19 +56,9 @@ MTCNN_WEIGHTS = Weights(
     pixel_range="RGB in [0, 255], fed as (x - 127.5) / 128",
     note="P-Net, R-Net and O-Net state dicts under the prefixes pnet., rnet., onet.")
 
-# FFHQ-aligned frame: the widely used 5-point template of a 512x512 FFHQ face (xinntao/facexlib
-# `face_restoration_helper.py`, "standard 5 landmarks for FFHQ faces with 512 x 512", as used by GFPGAN), given there
-# with pixel centres at integers (cv2.warpAffine); here +0.5 and / 512. Order: left eye, right eye, nose, left and
-# right mouth corner (left/right as seen in the image).
-FFHQ_TEMPLATE = (np.array([[192.98138, 239.94708], [318.90277, 240.19360], [256.63416, 314.01935],
-                           [201.26117, 371.41043], [313.08905, 371.15118]]) + 0.5) / 512
-
-# The framing `glean_face_small_8x` was fine-tuned on: CelebA 89x109 photos cropped at the box (left 8, top 23,
-# side 73) (+-5% jitter) and resized to 64. Mean MTCNN landmarks of 2000 such crops, measured with
-# `python faces.py --measure-template ../shared/data/celeba_89x109/images` (see docs/faces.md for the spread).
-# 1996 of 2000 images had a face; spread (std) per point 0.010-0.043, largest for the nose.
-GLEAN_FACE_SMALL_TEMPLATE = np.array([[0.3660, 0.4493], [0.6318, 0.4487], [0.4939, 0.6123],
-                                      [0.3789, 0.7325], [0.6171, 0.7318]])
+# Where a face model wants the 5 landmarks, as fractions of its input frame: declared with each model in zoo.WEIGHTS.
+FFHQ_TEMPLATE = np.array(FFHQ)                       # the official face models
+GLEAN_FACE_SMALL_TEMPLATE = np.array(CELEBA_64)      # the shipped glean_face_small_8x, measured on its training crops
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -536,12 +527,6 @@ def _paste_into(out: np.ndarray, fc: np.ndarray, M, feather: float) -> None:
 # Templates
 
 
-def read_rgb(path) -> np.ndarray:
-    from PIL import Image
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 def measure_template(detector: Detector, images, box: tuple, size: int = 256):
     """Mean landmark positions of the faces in the square `box` (left, top, side) of `images` (arrays or paths),
     normalised to the box ([0, 1]). Each image is enlarged so the box is `size` px (MTCNN needs faces of 12+ px)
@@ -551,7 +536,8 @@ def measure_template(detector: Detector, images, box: tuple, size: int = 256):
     r = size / side
     found = []
     for image in images:
-        a = read_rgb(image) if isinstance(image, (str, Path)) else as_float_image(image)
+        a = read_rgb(image).permute(1, 2, 0).numpy() if isinstance(image, (str, Path)) else \
+            as_float_image(image)
         t = rgb_planes(a).double()                                               # [3, H, W]
         big = imresize(t, scale=r).clamp(0, 1).float()                           # [3, ceil(rH), ceil(rW)]
         scale = torch.tensor([big.shape[2] / t.shape[2], big.shape[1] / t.shape[1]], dtype=torch.float64)
@@ -647,7 +633,7 @@ def detection_rates(files, widths, detectors: dict) -> dict:
     Landmark error: the largest distance of a detector's 5 points from its own at full size (scaled), in eye
     distances (MTCNN's median eye distance at that size, for every detector)."""
     ref = load_detector()
-    full = [as_float_image(read_rgb(f)) for f in files]
+    full = [read_rgb(f).permute(1, 2, 0).numpy() for f in files]
     first = [ref.detect(a) for a in full]
     boxes = np.array([f[0].box for f in first if f])                            # [n, 4]
     box_w = float(np.median(boxes[:, 2] - boxes[:, 0]))
@@ -688,30 +674,6 @@ def timed(fn, repeat: int = 5):
     return out, min(times)
 
 
-def pipeline_times(image, model_name: str = "glean_face_small_8x", template=GLEAN_FACE_SMALL_TEMPLATE) -> dict:
-    """Seconds per stage of upscaling every face of `image` with a GLEAN model: detection, alignment to the model's
-    template at its input size, GLEAN (one batch), the bicubic background at the model's scale, paste-back."""
-    import glean
-    model = glean.load_pretrained(model_name)
-    n_in, n_out = model.cfg.in_size, model.cfg.out_size
-    scale = n_out // n_in
-    det = load_detector()
-    t, found = {}, None
-    found, t["detect"] = timed(lambda: det.detect(image))
-    crops, t["align"] = timed(lambda: [align(image, f.landmarks, template, n_in) for f in found])
-    x = torch.from_numpy(np.stack([c for c, _ in crops])).permute(0, 3, 1, 2) * 2 - 1   # [B, 3, in, in]
-    with torch.inference_mode():
-        y, t["glean"] = timed(lambda: ((model(x).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
-    planes = torch.from_numpy(as_float_image(image)).permute(2, 0, 1)
-    bg, t["background"] = timed(lambda: imresize(planes, scale=scale).clamp(0, 1).permute(1, 2, 0).contiguous()
-                                .numpy())                                       # [H s, W s, 3]
-    Ms = [rescale(M, scale, scale) for _, M in crops]
-    _, t["paste"] = timed(lambda: paste_back(bg, list(y), Ms))
-    t["total"] = sum(t.values())
-    t["faces"] = len(found)
-    return t
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--convert", metavar="DIR", help="rebuild weights/mtcnn.safetensors from facenet_pytorch/data")
@@ -722,8 +684,8 @@ def main(argv=None) -> int:
     ap.add_argument("--count", type=int, default=2000, help="images for --measure-template")
     ap.add_argument("--rates", metavar="DIR", help="detection rate against face size on the first 300 images of DIR "
                     "(aligned face crops, e.g. lfw_val_128/images), MTCNN and dlib HOG")
-    ap.add_argument("--speed", action="store_true", help="detection times on synthetic scenes, and the whole "
-                    "--faces pipeline with the shipped model")
+    ap.add_argument("--speed", action="store_true", help="detection times on synthetic scenes (the whole --faces "
+                    "pipeline: python bench.py --configs faces)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -757,9 +719,6 @@ def main(argv=None) -> int:
                               *((f"dlib HOG (up {u})", dlib_detector(u)) for u in (0, 1, 2))):
                 found, sec = timed(functools.partial(det, img))
                 print(f"{w}x{h}, {len(placed)} faces: {name} finds {len(found)} in {1000 * sec:.0f} ms")
-        t = pipeline_times(face_scene()[0])
-        print("640x480, 5 faces, glean_face_small_8x (8x): " + ", ".join(
-            f"{k} {v * 1000:.0f} ms" if k != "faces" else f"{v} faces" for k, v in t.items()))
     return 0
 
 

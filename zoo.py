@@ -16,6 +16,21 @@ import stylegan2
 from glean_io import CheckpointError, download, load_file, sha256_of
 
 
+# Face templates: where a face model wants the 5 landmarks of a face (left eye, right eye, nose, left and right mouth
+# corner, as seen in the image), as fractions (x, y) of its input frame. faces.py aligns photos to them.
+# FFHQ-aligned frames (the official face models): the widely used 5-point template of a 512x512 FFHQ face
+# (xinntao/facexlib, "standard 5 landmarks for FFHQ faces with 512 x 512", as GFPGAN uses it), given there with
+# pixel centres at integers (cv2.warpAffine); here + 0.5 and / 512.
+FFHQ = tuple(((x + 0.5) / 512, (y + 0.5) / 512) for x, y in (
+    (192.98138, 239.94708), (318.90277, 240.19360), (256.63416, 314.01935), (201.26117, 371.41043),
+    (313.08905, 371.15118)))
+# The framing glean_face_small_8x was fine-tuned on: CelebA 89x109 photos cropped at the box (left 8, top 23,
+# side 73) (+-5% jitter), resized to 64. Mean MTCNN landmarks of the first 2000 such crops (1996 with a face; spread
+# 0.010-0.043 per coordinate, largest for the nose), measured with
+# `python faces.py --measure-template ../shared/data/celeba_89x109/images --box 8 23 73`; no crop is stored.
+CELEBA_64 = ((0.3660, 0.4493), (0.6318, 0.4487), (0.4939, 0.6123), (0.3789, 0.7325), (0.6171, 0.7318))
+
+
 @dataclass(frozen=True)
 class Weights:
     url: str              # download address (http(s), file://) or a path relative to this file
@@ -26,6 +41,7 @@ class Weights:
     license: str          # licence of the weights and of their training data
     pixel_range: str = "RGB in [-1, 1] (x / 127.5 - 1)"
     note: str = ""
+    template: tuple = ()  # face models: their face template (see FFHQ above); () for other categories
 
 
 _MMEDIT = "https://download.openmmlab.com/mmediting"
@@ -38,16 +54,18 @@ WEIGHTS = {
         "weights/glean_face_small_8x.safetensors", "1ed45f55", "glean",
         dict(in_size=8, out_size=64, rrdb_channels=64, num_rrdbs=3, rrdb_growth_channels=32, decoder_channels=64,
              **_SMALL), "faces (CelebA, 64x64 crops framed like LFW's: face ~60% of the width)", _CELEBA,
-        note="this project's small GLEAN, 8x (8 -> 64), trained on a 2-core CPU; ships with the code, works offline"),
+        note="this project's small GLEAN, 8x (8 -> 64), trained on a 2-core CPU; ships with the code, works offline",
+        template=CELEBA_64),
     "glean_face_16x": Weights(
         f"{_MMEDIT}/restorers/glean/glean_ffhq_16x_20210527-61a3afad.pth", "61a3afad", "glean-official",
         dict(in_size=64, out_size=1024), "faces (FFHQ)", f"{_APACHE}; data: FFHQ, CC BY-NC-SA 4.0",
-        note="official GLEAN, 16x (64 -> 1024), bicubic (MATLAB) degradation"),
+        note="official GLEAN, 16x (64 -> 1024), bicubic (MATLAB) degradation", template=FFHQ),
     "glean_face_in128_8x": Weights(
         f"{_MMEDIT}/restorers/glean/glean_in128out1024_4x2_300k_ffhq_celebahq_20210812-acbcb04f.pth", "acbcb04f",
         "glean-official", dict(in_size=128, out_size=1024), "faces (FFHQ + CelebA-HQ)",
         f"{_APACHE}; data: FFHQ (CC BY-NC-SA 4.0), CelebA-HQ (non-commercial research)",
-        note="official GLEAN, 8x (128 -> 1024), trained with real-world degradations (blur, noise, JPEG)"),
+        note="official GLEAN, 8x (128 -> 1024), trained with real-world degradations (blur, noise, JPEG)",
+        template=FFHQ),
     "glean_cat_8x": Weights(
         f"{_MMEDIT}/restorers/glean/glean_cat_8x_20210614-d3ac8683.pth", "d3ac8683", "glean-official",
         dict(in_size=32, out_size=256), "cats (LSUN cat)", f"{_APACHE}; data: LSUN, research use",

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import faces
-import glean
+import images
+import zoo
 from glean_io import CheckpointError
 
 data = pytest.importorskip("skimage.data")
@@ -21,7 +22,7 @@ ASTRONAUT_LM = np.array([[203.4, 101.2], [246.9, 103.4], [224.5, 129.2], [202.0,
 
 def resized(a, r: float) -> np.ndarray:
     t = torch.from_numpy(faces.as_float_image(a)).permute(2, 0, 1).double()
-    return glean.imresize(t, scale=r).clamp(0, 1).permute(1, 2, 0).float().numpy()
+    return images.imresize(t, scale=r).clamp(0, 1).permute(1, 2, 0).float().numpy()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -307,11 +308,11 @@ def test_paste_back_with_no_overlap_is_a_copy():
 def test_shipped_weights_are_hash_checked(tmp_path, monkeypatch):
     (tmp_path / "weights").mkdir()
     damaged = tmp_path / faces.MTCNN_WEIGHTS.url
-    shutil.copy(glean.shipped_file(faces.MTCNN_WEIGHTS), damaged)
+    shutil.copy(zoo.shipped_file(faces.MTCNN_WEIGHTS), damaged)
     raw = bytearray(damaged.read_bytes())
     raw[-1] ^= 0xFF
     damaged.write_bytes(bytes(raw))
-    monkeypatch.setattr(glean, "__file__", str(tmp_path / "glean.py"))     # shipped files are looked up next to it
+    monkeypatch.setattr(zoo, "__file__", str(tmp_path / "zoo.py"))         # shipped files are looked up next to it
     with pytest.raises(CheckpointError, match="mtcnn.safetensors is damaged"):
         faces.Detector()
     damaged.unlink()
@@ -321,7 +322,7 @@ def test_shipped_weights_are_hash_checked(tmp_path, monkeypatch):
 
 def test_weights_are_loaded_strictly(tmp_path):
     from safetensors.torch import load_file, save_file
-    sd = load_file(str(glean.shipped_file(faces.MTCNN_WEIGHTS)))
+    sd = load_file(str(zoo.shipped_file(faces.MTCNN_WEIGHTS)))
     assert len(sd) == 50 and all(k.split(".")[0] in ("pnet", "rnet", "onet") for k in sd)
     del sd["onet.dense6_3.weight"]
     save_file(sd, str(tmp_path / "m.safetensors"))
