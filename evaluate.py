@@ -237,6 +237,12 @@ def load_folder(folder, size: int, limit: int = 0) -> tuple:
     return torch.stack([square(read_rgb(f), size) * 2 - 1 for f in files]), [f.name for f in files]
 
 
+@torch.no_grad()
+def upscale(model, lr: torch.Tensor) -> torch.Tensor:
+    """The model's output for LR images [B, 3, in, in] in [-1, 1], clamped to [-1, 1]."""
+    return model(lr.clamp(-1, 1)).clamp(-1, 1)
+
+
 def score(sr: torch.Tensor, gt: torch.Tensor, lpips=None, identity=None) -> dict:
     """Per-image metrics of sr against gt, [N, 3, H, W] in [-1, 1]."""
     m = {"psnr": psnr(sr, gt), "psnr_y": psnr_y(sr, gt), "ssim": ssim(sr, gt), "ssim_y": ssim_y(sr, gt)}
@@ -311,6 +317,55 @@ def methods_in_size(methods: dict, size: int) -> int:
     return sizes.pop()
 
 
+def misframe(face: torch.Tensor, fraction: float, dx: float, dy: float) -> torch.Tensor:
+    """A misframed photo: the face image [3, S, S] in [0, 1] shrunk to `fraction` of its side (MATLAB bicubic) and
+    placed on an S x S canvas filled with its border's mean colour, moved by (dx, dy) of the free margin from the
+    centre (-1: against the left/top edge, +1: against the right/bottom)."""
+    S = face.shape[-1]
+    s = round(S * fraction)
+    small = imresize(face, size=s).clamp(0, 1)
+    border = torch.cat([face[:, 0], face[:, -1], face[:, :, 0], face[:, :, -1]], dim=1).mean(1)  # [3]
+    canvas = border[:, None, None].expand(3, S, S).clone()
+    left, top = round((S - s) * (1 + dx) / 2), round((S - s) * (1 + dy) / 2)
+    canvas[:, top:top + s, left:left + s] = small
+    return canvas
+
+
+def framing_study(model, files: list, identity=None, seed: int = 0) -> dict:
+    """GLEAN vs bicubic on the same faces framed three ways, the paper's "degrade and restore" at each:
+    - model framing: each image resized to out_size is the reference (the README table's protocol);
+    - misframed + centre crop: the face shrunk to 55-80% and placed off-centre on a canvas (misframe), the canvas
+      resized to out_size is the reference (what a blind centre crop gives the model);
+    - misframed + --simulate: the same canvases through infer.simulate: the largest face aligned to the model's
+      framing (faces.py) is the reference.
+    LR inputs are made from each reference with MATLAB's bicubic. Returns {framing: {method: {metric: mean}}} and
+    the number of canvases where no face was found (left out of the --simulate row)."""
+    import infer
+    g = torch.Generator().manual_seed(seed)
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
+    cfg, rows, missed = model.cfg, {"model framing": [], "misframed, centre crop": [],
+                                    "misframed, --simulate": []}, 0
+    for f in files:
+        face = read_rgb(f)
+        canvas = misframe(face, u(0.55, 0.8), u(-1, 1), u(-1, 1))
+        for key, ref in (("model framing", imresize(face, size=cfg.out_size)),
+                         ("misframed, centre crop", imresize(canvas, size=cfg.out_size))):
+            rows[key].append(ref.clamp(0, 1))
+        try:
+            rows["misframed, --simulate"].append(torch.from_numpy(infer.simulate(
+                model, canvas.permute(1, 2, 0).contiguous().numpy())["reference"]).permute(2, 0, 1))
+        except infer.InputError:
+            missed += 1
+    out = {}
+    for key, refs in rows.items():
+        gt = torch.stack(refs) * 2 - 1                                          # [N, 3, out, out] in [-1, 1]
+        lr = imresize(gt, size=cfg.in_size)
+        methods = {"bicubic": imresize(lr, size=cfg.out_size).clamp(-1, 1), "GLEAN": upscale(model, lr)}
+        out[key] = {m: {k: mean(v.tolist()) for k, v in score(sr, gt, identity=identity).items()}
+                    for m, sr in methods.items()}
+    return {"results": out, "images": len(files), "no_face": missed}
+
+
 def _json_safe(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
@@ -341,8 +396,11 @@ def main(argv=None) -> int:
     ap.add_argument("--figure", default="", help="write a figure of the methods' outputs on public images: the "
                                                  "scikit-image astronaut's face and faces sampled from the first "
                                                  "model's latent bank (never the evaluation photos)")
+    ap.add_argument("--framing", action="store_true",
+                    help="the framing study: GLEAN vs bicubic at the model's framing, on misframed photos "
+                         "centre-cropped, and on the same photos through --simulate (needs one face --model)")
     args = ap.parse_args(argv)
-    from infer import load_model, run_model
+    import zoo
     try:
         for out in (args.json, args.markdown, args.figure):   # fail now, not after scoring every image
             if out:
@@ -350,7 +408,7 @@ def main(argv=None) -> int:
         models = {}
         for spec in args.model:
             path, _, label = spec.partition("=")
-            models[label or Path(path).stem] = load_model(path, "cpu")
+            models[label or Path(path).stem] = zoo.load_pretrained(path)
         size = args.gt_size or (next(iter(models.values())).cfg.out_size if models else 0)
         if not size:
             raise ValueError("pass --gt-size (or a --model, whose output size is used)")
@@ -365,7 +423,7 @@ def main(argv=None) -> int:
         for label, model in models.items():
             if model.cfg.out_size != size:
                 raise ValueError(f"{label} outputs {model.cfg.out_size} px, the ground truth is {size} px")
-            methods[label] = lambda y, _, m=model: run_model(m, (imresize(y, size=m.cfg.in_size) + 1) / 2) * 2 - 1
+            methods[label] = lambda y, _, m=model: upscale(m, imresize(y, size=m.cfg.in_size))
             methods[label].in_size = model.cfg.in_size
         for spec in args.outputs:
             folder, _, label = spec.partition("=")
@@ -395,6 +453,26 @@ def main(argv=None) -> int:
                 return 2
             print("note: no identity similarity (pip install dlib-bin face_recognition_models, or --arcface)",
                   file=sys.stderr)
+    if args.framing:
+        if len(models) != 1 or not getattr(next(iter(models.values())), "face_template", ()):
+            print("error: --framing needs exactly one face --model (one with a face template)", file=sys.stderr)
+            return 2
+        (label, model), = models.items()
+        study = framing_study(model, list_images(args.gt)[:args.limit or None], identity)
+        rows = ["| framing | method | PSNR (dB) | SSIM | identity sim. |", "| --- | --- | --- | --- | --- |"]
+        for framing, methods_ in study["results"].items():
+            for name, m in methods_.items():
+                rows.append(f"| {framing} | {label if name == 'GLEAN' else name} | {m['psnr']:.2f} | "
+                            f"{m['ssim']:.4f} | " + (f"{m['identity']:.4f} |" if "identity" in m else "- |"))
+        table = "\n".join(rows) + f"\n\n({study['images']} images; no face found in {study['no_face']})\n"
+        print(table)
+        if args.json:
+            with atomic_write(args.json, "w") as f:
+                json.dump(_json_safe(study), f, indent=1)
+        if args.markdown:
+            with atomic_write(args.markdown, "w") as f:
+                f.write(table)
+        return 0
     if args.figure:
         examples = [torch.from_numpy(np.asarray(example_image("astronaut"), dtype=np.float32) / 127.5 - 1)
                     .permute(2, 0, 1)]

@@ -3,21 +3,27 @@
     python infer.py -i photo.png -o out/                 # the default model
     python infer.py -i example:astronaut -o out/         # a face crop from scikit-image's astronaut
     python infer.py -i folder/ more.jpg -o out/ -m glean_face_16x --batch 4
+    python infer.py -i portrait.jpg -o out/ --simulate   # degrade and restore: LR, bicubic, GLEAN, original
+    python infer.py -i group.jpg -o out/ --faces         # the whole photo upscaled, its faces restored by GLEAN
     python infer.py -i edited.png --retouch --mask mask.png -o out/   # Sec. 6: remove retouching artefacts
 
-GLEAN has a fixed input size (in_size): other images are centre-cropped to a square and resized to it with
-MATLAB's bicubic (a notice says so), or refused with --strict-size; --pad keeps the whole frame instead. EXIF
-orientation, greyscale, palette, alpha (upscaled separately with bicubic and re-attached) and 16-bit PNGs (written
-back as 16-bit) are handled. Outputs are written atomically: a failed image leaves no file behind.
+GLEAN has a fixed input size (in_size). For a face model, an image of another size has its largest face aligned to
+the model's framing (faces.py, the template in the weights table); other images are centre-cropped to a square and
+resized with MATLAB's bicubic (--pad keeps the whole frame, --strict-size refuses). Every such change gets a note,
+and so does a result smaller than its input. EXIF orientation, greyscale, palette, alpha (upscaled separately with
+bicubic and re-attached) and 16-bit PNG/TIFF (written back as 16-bit) are handled. Outputs are written atomically:
+a failed image leaves no file behind, and the run goes on with the others.
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+import faces
 import glean
 import zoo
 from glean_io import CheckpointError, atomic_write
@@ -86,17 +92,58 @@ def merge(rgb: torch.Tensor, alpha, grey: bool) -> np.ndarray:
     return torch.cat(planes).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def upscale_arrays(model: glean.GLEAN, arrays: list, *, strict_size: bool = False, pad: bool = False,
-                   names=None) -> tuple:
-    """Upscale a batch of arrays [H, W, C] in [0, 1]; returns (outputs, notes). One forward pass for all."""
-    cfg, notes, prepared = model.cfg, [], []
-    names = names or [f"image {i}" for i in range(len(arrays))]
-    for a, name in zip(arrays, names):
-        rgb, alpha, grey = split(a)
-        rgb, box = fit(rgb, cfg.in_size, strict=strict_size, pad=pad, notes=notes, name=name)
+def face_template(model: glean.GLEAN) -> np.ndarray | None:
+    """The model's face template ([5, 2] fractions of its input frame, from the weights table), or None."""
+    t = getattr(model, "face_template", ())
+    return np.asarray(t, dtype=np.float64) if len(t) else None
+
+
+def frame(model: glean.GLEAN, a: np.ndarray, name: str, notes: list, *, strict: bool = False, pad: bool = False,
+          align_faces: bool = True) -> tuple:
+    """An image [H, W, C] -> the model's input (rgb [3, in, in], alpha [1, out, out] or None, grey?, box of the
+    original frame in the output as fractions). For a face model (one with a face template) an image of another
+    size has its largest face aligned to the model's framing (faces.py); otherwise, or without a face, it is
+    centre-cropped (--pad: padded; --strict-size: refused) and resized. Every change of size gets a note, and so
+    does a result smaller than the image it came from."""
+    cfg = model.cfg
+    rgb, alpha, grey = split(a)
+    H, W = a.shape[:2]
+    template = face_template(model)
+    found = []
+    if align_faces and template is not None and (H, W) != (cfg.in_size, cfg.in_size) and not (strict or pad):
+        found = faces.load_detector().detect(rgb.permute(1, 2, 0).numpy())
+        if not found:
+            notes.append(f"{name}: no face found; centre-cropped instead")
+    if found:
+        planes = np.ascontiguousarray(np.concatenate([rgb.permute(1, 2, 0).numpy()] + (
+            [alpha.permute(1, 2, 0).numpy()] if alpha is not None else []), axis=2))
+        crop, _ = faces.align(planes, found[0].landmarks, template, cfg.in_size)
+        if alpha is not None:                                                  # at the output size directly
+            alpha = torch.from_numpy(faces.align(planes, found[0].landmarks, template, cfg.out_size)[0][..., 3:])
+            alpha = alpha.permute(2, 0, 1).clamp(0, 1)
+        rgb = torch.from_numpy(np.ascontiguousarray(crop[..., :3])).permute(2, 0, 1).clamp(0, 1)
+        notes.append(f"{name}: {W}x{H}, its largest face" + (f" (of {len(found)})" if len(found) > 1 else "") +
+                     f" aligned to the model's {cfg.in_size}x{cfg.in_size} framing")
+        box = (0.0, 0.0, 1.0, 1.0)
+    else:
+        rgb, box = fit(rgb, cfg.in_size, strict=strict, pad=pad, notes=notes, name=name)
         if alpha is not None:                      # the alpha plane follows the same crop/pad, then bicubic up
             alpha = resize(fit(alpha, cfg.in_size, strict=False, pad=pad, notes=[])[0], cfg.out_size).clamp(0, 1)
-        prepared.append((rgb, alpha, grey, box))
+    out_h, out_w = round(box[2] * cfg.out_size), round(box[3] * cfg.out_size)
+    if out_h < H or out_w < W:
+        hint = ("--faces upscales the whole photo with its faces restored, --simulate compares GLEAN with this face"
+                if template is not None else f"the model takes {cfg.in_size}x{cfg.in_size} images")
+        notes.append(f"{name}: the {out_w}x{out_h} result is smaller than the {W}x{H} input: {hint}")
+    return rgb, alpha, grey, box
+
+
+def upscale_arrays(model: glean.GLEAN, arrays: list, *, strict_size: bool = False, pad: bool = False,
+                   names=None, align_faces: bool = True) -> tuple:
+    """Upscale a batch of arrays [H, W, C] in [0, 1] (see `frame`); returns (outputs, notes). One forward pass."""
+    cfg, notes = model.cfg, []
+    names = names or [f"image {i}" for i in range(len(arrays))]
+    prepared = [frame(model, a, name, notes, strict=strict_size, pad=pad, align_faces=align_faces)
+                for a, name in zip(arrays, names)]
     sr = run_model(model, torch.stack([p[0] for p in prepared]))
     outputs = []
     for y, (_, alpha, grey, (top, left, h, w)) in zip(sr, prepared):
@@ -105,6 +152,121 @@ def upscale_arrays(model: glean.GLEAN, arrays: list, *, strict_size: bool = Fals
         t, l_, hh, ww = round(top * n), round(left * n), round(h * n), round(w * n)
         outputs.append(a[t:t + hh, l_:l_ + ww])     # --pad: back to the original frame's aspect ratio
     return outputs, notes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Photos: "degrade and restore" (--simulate) and faces in the wild (--faces), with faces.py
+
+
+def needs_template(model: glean.GLEAN, what: str) -> np.ndarray:
+    template = face_template(model)
+    if template is None:
+        raise InputError(f"{what} needs a face model (one whose face template is in the weights table: "
+                         f"{', '.join(n for n, w in zoo.WEIGHTS.items() if w.template)})")
+    return template
+
+
+def to_display(t: torch.Tensor, size: int) -> Image.Image:
+    """[3, h, w] in [0, 1] -> a PIL image enlarged to size x size with nearest neighbour (pixels stay visible)."""
+    t = torch.nn.functional.interpolate(t[None], size=(size, size), mode="nearest")[0]
+    return Image.fromarray((t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def side_by_side(panels: list, labels: list, size: int) -> np.ndarray:
+    """Panels [3, h, w] in [0, 1], each shown at size x size under its label: [18 + size, n size, 3]."""
+    from PIL import ImageDraw
+    canvas = Image.new("RGB", (size * len(panels), size + 18), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (t, label) in enumerate(zip(panels, labels)):
+        canvas.paste(to_display(t, size), (i * size, 18))
+        draw.text((i * size + 4, 3), label, fill="black")
+    return np.asarray(canvas, dtype=np.float32) / 255
+
+
+def simulate(model: glean.GLEAN, a: np.ndarray, *, name: str = "image", notes: list | None = None) -> dict:
+    """The paper's own setting ("degrade and restore"): the photo is the high-resolution original. Its largest face
+    is aligned to the model's framing at out_size (the reference), made the model's input with MATLAB's bicubic
+    (imresize, antialiased) and upscaled by bicubic and by GLEAN. Returns {lr, bicubic, glean, reference,
+    compare} as arrays [H, W, 3] in [0, 1] (evaluate.py --framing scores them on many faces)."""
+    cfg, notes = model.cfg, notes if notes is not None else []
+    template = needs_template(model, "--simulate")
+    photo = split(a)[0].permute(1, 2, 0).contiguous().numpy()                # RGB [H, W, 3]
+    found = faces.load_detector().detect(photo)
+    if not found:
+        raise InputError(f"{name}: no face found; --simulate needs a photo with a face")
+    ref, M = faces.align(photo, found[0].landmarks, template, cfg.out_size)
+    if faces.scale_of(M) > 1.05:
+        notes.append(f"{name}: the face is smaller in the photo than the {cfg.out_size}x{cfg.out_size} output, so "
+                     f"the reference is enlarged from it ({faces.scale_of(M):.1f}x): no true high-resolution original")
+    ref = torch.from_numpy(np.ascontiguousarray(ref)).permute(2, 0, 1).clamp(0, 1)        # [3, out, out]
+    lr = imresize(ref, size=cfg.in_size).clamp(0, 1)                                        # the model's input
+    bicubic = imresize(lr, size=cfg.out_size).clamp(0, 1)
+    sr = run_model(model, lr[None])[0]
+    size = max(cfg.out_size, 128)
+    compare = side_by_side([lr, bicubic, sr, ref], [f"input {cfg.in_size}x{cfg.in_size}", "bicubic", "GLEAN",
+                                                    "original"], size)
+    hwc = lambda t: t.permute(1, 2, 0).contiguous().numpy()  # noqa: E731
+    return {"lr": hwc(lr), "bicubic": hwc(bicubic), "glean": hwc(sr), "reference": hwc(ref), "compare": compare}
+
+
+def better_model(face_px: float, in_size: int) -> str:
+    """The registered face model whose input size is nearest to a face of face_px pixels (the width of its input
+    frame at the model's framing), if that is another size than in_size."""
+    fits = sorted((abs(np.log2(w.config["in_size"] / face_px)), n) for n, w in zoo.WEIGHTS.items() if w.template)
+    return fits[0][1] if fits and zoo.WEIGHTS[fits[0][1]].config["in_size"] != in_size else ""
+
+
+def restore_faces(model: glean.GLEAN, a: np.ndarray, *, outscale: float = 0, only_center: bool = False,
+                  name: str = "image", notes: list | None = None, times: dict | None = None) -> np.ndarray:
+    """Faces in the wild (--faces): every face of the photo is aligned to the model's framing, upscaled by GLEAN,
+    warped back and blended with a feathered mask into the whole photo upscaled by bicubic (MATLAB's). The result
+    is the photo at `outscale` (default: the model's scale) times its size. `times` collects seconds per stage."""
+    cfg, notes, times = model.cfg, notes if notes is not None else [], times if times is not None else {}
+    template = needs_template(model, "--faces")
+    s = outscale or cfg.scale
+    rgb, alpha, grey = split(a)
+    photo = rgb.permute(1, 2, 0).contiguous().numpy()
+    clock = time.perf_counter()
+
+    def lap(stage):
+        nonlocal clock
+        now = time.perf_counter()
+        times[stage], clock = times.get(stage, 0.0) + now - clock, now
+
+    found = faces.load_detector().detect(photo)
+    if only_center and found:
+        centre = np.array([photo.shape[1], photo.shape[0]]) / 2
+        found = [min(found, key=lambda f: np.linalg.norm((np.array(f.box[:2]) + f.box[2:]) / 2 - centre))]
+    lap("detect")
+    crops = [faces.align(photo, f.landmarks, template, cfg.in_size) for f in found]
+    for f, (_, M) in zip(found, crops):
+        shrink = 1 / faces.scale_of(M)                                          # photo pixels per input pixel
+        if shrink > 4:
+            x, y = (np.array(f.box[:2]) + f.box[2:]) / 2
+            fit = better_model(shrink * cfg.in_size, cfg.in_size)
+            notes.append(f"{name}: the face at ({x:.0f}, {y:.0f}) is shrunk {shrink:.1f}x to fit the model's "
+                         f"{cfg.in_size}x{cfg.in_size} input, so detail is lost" + (f"; {fit} fits it better"
+                                                                                    if fit else ""))
+    lap("align")
+    out_faces = []
+    if crops:
+        x = torch.from_numpy(np.stack([c[..., :3] for c, _ in crops])).permute(0, 3, 1, 2).clamp(0, 1)
+        y = run_model(model, x)                                                 # [n, 3, out, out]
+        side = round(cfg.in_size * s)
+        y = y if side == cfg.out_size else imresize(y, size=side).clamp(0, 1)   # the faces at the final scale
+        out_faces = list(y.permute(0, 2, 3, 1).numpy())
+    lap("glean")
+    background = imresize(rgb, scale=s).clamp(0, 1)                            # [3, H s, W s]
+    lap("background")
+    out = faces.paste_back(background.permute(1, 2, 0).contiguous().numpy(), out_faces,
+                           [faces.rescale(M, s, s) for _, M in crops]) if crops else \
+        background.permute(1, 2, 0).contiguous().numpy()
+    lap("paste")
+    if not found:
+        notes.append(f"{name}: no face found; the whole image was upscaled with bicubic")
+    if alpha is not None:
+        alpha = imresize(alpha, scale=s).clamp(0, 1)
+    return merge(torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1), alpha, grey)
 
 
 def as_arrays(image) -> tuple:
@@ -249,12 +411,13 @@ class Outputs:
     def __init__(self, outdir: Path, suffix: str):
         self.outdir, self.suffix, self.taken = outdir, suffix, set()
 
-    def path(self, src: Path, root: Path | None, ext: str, notes: list) -> Path:
+    def path(self, src: Path, root: Path | None, ext: str, notes: list, suffix: str | None = None) -> Path:
+        suffix = self.suffix if suffix is None else suffix
         folder = self.outdir / (src.parent.relative_to(root) if root is not None else Path())
-        dst = folder / f"{src.stem}{self.suffix}{ext}"
+        dst = folder / f"{src.stem}{suffix}{ext}"
         n, stem = 1, f"{src.stem}_{src.suffix.lstrip('.').lower()}" if src.suffix else src.stem
         while dst in self.taken:
-            dst = folder / f"{stem}{self.suffix if n == 1 else f'_{n}{self.suffix}'}{ext}"
+            dst = folder / f"{stem}{suffix if n == 1 else f'_{n}{suffix}'}{ext}"
             n += 1
         if n > 1:
             notes.append(f"{src}: written as {dst.name}, since another input of this run has the same name")
@@ -277,10 +440,22 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1, help="images per forward pass (default: 1)")
     ap.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6,
                     help=f"refuse larger images before decoding them; 0 = no limit (default: {MAX_PIXELS / 1e6:g})")
-    size = ap.add_mutually_exclusive_group()
-    size.add_argument("--strict-size", action="store_true", help="refuse inputs that are not in_size x in_size")
-    size.add_argument("--pad", action="store_true", help="pad to a square instead of cropping (keeps the frame)")
-    ap.add_argument("--retouch", action="store_true", help="Sec. 6: downsample edited HR images, super-resolve back")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--strict-size", action="store_true", help="refuse inputs that are not in_size x in_size")
+    mode.add_argument("--pad", action="store_true", help="pad to a square instead of cropping (keeps the frame)")
+    mode.add_argument("--simulate", action="store_true",
+                      help="degrade and restore (the paper's setting): each input is a high-resolution photo; its "
+                           "largest face is aligned to the model's framing, shrunk to the model's input with MATLAB "
+                           "bicubic and upscaled; writes <stem>_lr, _bicubic, _glean, _reference, _compare .png")
+    mode.add_argument("--faces", action="store_true",
+                      help="faces in the wild: the whole photo upscaled (bicubic) with every face restored by GLEAN "
+                           "and blended back")
+    mode.add_argument("--retouch", action="store_true", help="Sec. 6: downsample edited HR images, super-resolve back")
+    ap.add_argument("--outscale", type=float, default=0,
+                    help="with --faces: final scale of the photo, at most the model's (default: the model's scale)")
+    ap.add_argument("--only-center-face", action="store_true", help="with --faces: restore only the centre face")
+    ap.add_argument("--aligned", action="store_true",
+                    help="with --faces: the inputs are already aligned face crops (no detection)")
     ap.add_argument("--mask", help="with --retouch: only the white region of this mask is replaced")
     args = ap.parse_args(argv)
 
@@ -293,6 +468,10 @@ def main(argv=None) -> int:
         return error(f"unknown model '{name}': choose one of {', '.join(zoo.WEIGHTS)}, or give a checkpoint file")
     if args.mask and not args.retouch:
         return error("--mask goes with --retouch")
+    if (args.outscale or args.only_center_face or args.aligned) and not args.faces:
+        return error("--outscale, --only-center-face and --aligned go with --faces")
+    if args.outscale < 0:
+        return error(f"--outscale must be positive, got {args.outscale:g}")
     if args.batch < 1:
         return error(f"--batch must be at least 1, got {args.batch}")
     if args.max_megapixels < 0:
@@ -315,6 +494,10 @@ def main(argv=None) -> int:
         dev = pick_device(args.device)
         model = load_model(name, str(dev), half=dev.type == "cuda" and not args.fp32)
         mask = read_image(args.mask, max_pixels=max_pixels)[0] if args.mask else None
+        if args.simulate or (args.faces and not args.aligned):
+            needs_template(model, "--simulate" if args.simulate else "--faces")
+        if args.outscale > model.cfg.scale:
+            raise InputError(f"--outscale {args.outscale:g} is above the model's scale ({model.cfg.scale}x)")
     except (CheckpointError, InputError, ValueError) as e:
         return error(str(e))
     from tqdm import tqdm
@@ -328,33 +511,58 @@ def main(argv=None) -> int:
     bar = tqdm(total=len(files), unit="img", disable=len(files) < 2 or None)
     queue = []
 
+    def results(queue: list, notes: list) -> list:
+        """(src, root, bits, {output suffix: array}) for each image of the queue that could be processed."""
+        nonlocal failed
+        if not (args.simulate or args.faces or args.retouch):
+            outs, found = upscale_arrays(model, [a for _, _, a, _ in queue], strict_size=args.strict_size,
+                                         pad=args.pad, names=[str(s) for s, _, _, _ in queue])
+            notes += found
+            return [(src, root, bits, {args.suffix: out}) for (src, root, _, bits), out in zip(queue, outs)]
+        done = []
+        for src, root, a, bits in queue:                  # one image at a time: each can fail on its own
+            try:
+                if args.retouch:
+                    outs = {args.suffix: retouch_arrays(model, a, mask, notes=notes)}
+                elif args.faces and args.aligned:
+                    outs = {args.suffix: upscale_arrays(model, [a], names=[str(src)], align_faces=False)[0][0]}
+                elif args.faces:
+                    outs = {args.suffix: restore_faces(model, a, outscale=args.outscale, name=str(src), notes=notes,
+                                                       only_center=args.only_center_face)}
+                else:
+                    r = simulate(model, a, name=str(src), notes=notes)
+                    outs, bits = {f"_{k}": r[k] for k in ("lr", "bicubic", "glean", "reference", "compare")}, 8
+            except InputError as e:
+                failed += 1
+                say("error", str(e))
+                continue
+            done.append((src, root, bits, outs))
+        return done
+
     def flush():
         nonlocal failed, written
         if not queue:
             return
-        notes = []
+        notes, done = [], []
         try:
-            if args.retouch:
-                outs = [retouch_arrays(model, a, mask, notes=notes) for _, _, a, _ in queue]
-            else:
-                outs, notes = upscale_arrays(model, [a for _, _, a, _ in queue], strict_size=args.strict_size,
-                                             pad=args.pad, names=[str(s) for s, _, _, _ in queue])
+            done = results(queue, notes)
         except torch.cuda.OutOfMemoryError:
             failed += len(queue)
             say("error", f"out of GPU memory for {', '.join(str(s) for s, _, _, _ in queue)}: use --batch 1, "
                          f"or --device cpu")
-            outs = []
-        for (src, root, _, bits), out in zip(queue, outs):
-            ext = output_ext(src, args.ext, bits, out.shape[2], notes)
-            dst = outputs.path(src, root, ext, notes)
-            try:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                write_image(out, dst, bits)
-                written += 1
-            except (InputError, OSError) as e:
-                failed += 1
-                say("error", str(e) if isinstance(e, InputError) else
-                    f"{dst}: cannot write ({e.strerror or e}); {src} was not saved")
+        for src, root, bits, outs in done:
+            for suffix, out in outs.items():
+                ext = ".png" if args.simulate else output_ext(src, args.ext, bits, out.shape[2], notes)
+                dst = outputs.path(src, root, ext, notes, suffix)
+                try:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    write_image(out, dst, bits)
+                    written += 1
+                except (InputError, OSError) as e:
+                    failed += 1
+                    say("error", str(e) if isinstance(e, InputError) else
+                        f"{dst}: cannot write ({e.strerror or e}); {src} was not saved")
+                    break
         for note in notes:
             say("note", note)
         bar.update(len(queue))

@@ -155,8 +155,24 @@ def load_pretrained(name_or_path, *, fast: bool = True, progress: bool = True) -
     """A GLEAN model from a registered name (see WEIGHTS) or a checkpoint file, in eval mode on the CPU: this
     project's format, a training checkpoint of train.py, or an official release file (`generator.*` keys, e.g.
     glean_ffhq_16x_20210527-61a3afad.pth downloaded by hand; its configuration is read off its tensors).
-    fast=True (the default) gives glean_fast.GLEANFast, the same network computed faster; False the reference."""
-    cls = glean_fast.GLEANFast if fast else glean.GLEAN
+    fast=True (the default) gives glean_fast.GLEANFast, the same network computed faster; False the reference.
+    The model's `face_template` attribute tells infer.py how to frame faces for it (see face_template)."""
+    model = _load(name_or_path, glean_fast.GLEANFast if fast else glean.GLEAN, progress)
+    model.face_template = face_template(name_or_path, model.cfg)
+    return model
+
+
+def face_template(name_or_path, cfg: glean.GLEANConfig) -> tuple:
+    """The face template of a registered model, or of a file whose configuration is a registered face model's
+    (e.g. an official release file by path); () if none is known (then faces cannot be aligned for it)."""
+    if name_or_path in WEIGHTS:
+        return WEIGHTS[name_or_path].template
+    same = [w.template for w in WEIGHTS.values() if w.kind.startswith("glean") and w.template and
+            glean.GLEANConfig(**w.config) == cfg]
+    return same[0] if len(set(same)) == 1 else ()
+
+
+def _load(name_or_path, cls, progress: bool) -> glean.GLEAN:
     if name_or_path in WEIGHTS:
         w = WEIGHTS[name_or_path]
         if not w.kind.startswith("glean"):
