@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import faces
 import glean
 import images
 import infer
@@ -33,6 +34,7 @@ MODELS = [zoo.DEFAULT_MODEL] + [n for n, w in zoo.WEIGHTS.items()
                                 if w.kind.startswith("glean") and n != zoo.DEFAULT_MODEL]
 MAX_UPLOAD = "10mb"              # larger uploads are refused by the server
 MAX_UPLOAD_PIXELS = 16_000_000   # and larger images before they are decoded (12000x12000 held the worker ~11 s)
+MAX_RESULT_PIXELS = 40_000_000   # the Photo tab lowers its scale to stay under this
 KEEP_RESULTS_S = 15 * 60         # downloads are deleted after this long
 _models, _lock = {}, threading.Lock()
 _outbox: list = []               # the private results folder, made on first use
@@ -83,9 +85,11 @@ def describe(name: str) -> str:
         return f"**{Path(name).name}**: a local checkpoint."
     w, c = zoo.WEIGHTS[name], zoo.WEIGHTS[name].config
     download = "" if zoo.local_file(name) is not None else " Its weights are downloaded on first use."
-    return (f"**{name}**: {c['in_size']}x{c['in_size']} -> {c['out_size']}x{c['out_size']}, {w.category}. "
-            f"Inputs of another size are centre-cropped and resized to {c['in_size']}x{c['in_size']}.{download} "
-            f"Licence: {w.license}.")
+    framing = ("its largest face is aligned to the model's framing" if w.template else
+               "its centre square is taken")
+    return (f"**{name}**: {c['in_size']}x{c['in_size']} -> {c['out_size']}x{c['out_size']}, {w.category}. A larger "
+            f"upload is taken as the high-resolution original (the paper's setting): {framing}, shrunk to the "
+            f"model's input with MATLAB's bicubic, and upscaled back.{download} Licence: {w.license}.")
 
 
 def outbox() -> Path:
@@ -117,12 +121,52 @@ def bicubic_baseline(model: glean.GLEAN, a: np.ndarray) -> Image.Image:
 
 
 def upscale(upload, name: str):
+    """The Upscale tab. An upload larger than the model's input goes through infer.simulate (degrade and restore):
+    the slider compares bicubic and GLEAN from the input the model saw, and a labelled strip shows that input,
+    bicubic, GLEAN and the original. An upload of the model's input size (or smaller) is upscaled as it is."""
     a, bits, stem = read_upload(upload)
     model = get_model(name)
+    stem = Path(stem).stem
+    if max(a.shape[:2]) > model.cfg.in_size:
+        try:
+            r = infer.simulate(model, a, name=stem)
+        except images.InputError as e:
+            raise gr.Error(f"{e}: upload a face photo, or one of {model.cfg.in_size}x{model.cfg.in_size} pixels to "
+                           f"upscale it as it is") from None
+        to_image = lambda x: images.to_pil(x)  # noqa: E731
+        return ((to_image(r["bicubic"]), to_image(r["glean"])), to_image(r["compare"]),
+                save_png(to_image(r["glean"]), stem + "_glean"), describe(name))
     outs, _ = infer.upscale_arrays(model, [a])
     out = images.to_pil(outs[0], bits)
     before = bicubic_baseline(model, a)
-    return (before, out.convert("RGB")), save_png(out, Path(stem).stem + "_glean"), describe(name)
+    return (before, out.convert("RGB")), None, save_png(out, stem + "_glean"), describe(name)
+
+
+def photo(upload, name: str, outscale: float):
+    """The Photo tab: every face found, drawn on the photo; the whole photo upscaled (bicubic) with the faces
+    restored by GLEAN and pasted back (infer.restore_faces). The result is downloaded at full size."""
+    a, _, stem = read_upload(upload)
+    if name in zoo.WEIGHTS and not zoo.WEIGHTS[name].template or infer.face_template(get_model(name)) is None:
+        raise gr.Error(f"{name} is not a face model: choose one of "
+                       f"{', '.join(n for n, w in zoo.WEIGHTS.items() if w.template)}")
+    model = get_model(name)
+    notes = []
+    scale = min(float(outscale or model.cfg.scale), model.cfg.scale)
+    limit = (MAX_RESULT_PIXELS / (a.shape[0] * a.shape[1])) ** 0.5
+    if scale > limit:
+        notes.append(f"scaled {limit:.2f}x instead of {scale:g}x, to keep the result under "
+                     f"{MAX_RESULT_PIXELS / 1e6:g} million pixels")
+        scale = limit
+    found = faces.load_detector().detect(a)
+    out = infer.restore_faces(model, a, outscale=scale, name=stem, notes=notes, found=found)
+    marked = images.to_pil(a).convert("RGB")
+    from PIL import ImageDraw
+    draw = ImageDraw.Draw(marked)
+    for f in found:
+        draw.rectangle(list(f.box), outline="#ff3030", width=max(1, round(max(a.shape[:2]) / 300)))
+    result = images.to_pil(out)
+    info = f"{len(found)} face(s) found; the photo upscaled {scale:g}x." + "".join(f"\n- {n}" for n in notes)
+    return marked, result, save_png(result, Path(stem).stem + "_faces"), info
 
 
 def retouch(edited, name: str):
@@ -164,23 +208,45 @@ def build(models: list) -> gr.Blocks:
     choices = [(model_label(m), m) for m in models]
     with gr.Blocks(title="GLEAN super-resolution", delete_cache=(3600, 3600)) as app:
         gr.Markdown("# GLEAN: large-factor super-resolution with a generative latent bank\n"
-                    "Upload a photo (faces work best with the face models); GLEAN redraws it at 8x-16x. "
-                    "The slider compares bicubic upscaling (left) with GLEAN (right).")
+                    "Upload a face photo: it is shrunk to the model's tiny input (8x8 pixels for the default model) "
+                    "and GLEAN redraws it at 8x, next to bicubic from the same input and your original. The Photo "
+                    "tab restores every face of a photo.")
         with gr.Tab("Upscale"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(type="filepath", label="Low-resolution input", sources=["upload", "clipboard"],
-                                     image_mode=None, elem_id="input-image")
+                    image = gr.Image(type="filepath", label="Photo (a face) or a low-resolution input",
+                                     sources=["upload", "clipboard"], image_mode=None, elem_id="input-image")
                     model = gr.Dropdown(choices, value=models[0], label="Model")
                     go = gr.Button("Upscale", variant="primary", elem_id="upscale-button")
                     gr.Examples(example_files(), inputs=[image], label="Examples (scikit-image)")
                 with gr.Column():
                     compare = gr.ImageSlider(label="Bicubic | GLEAN", type="pil", format="png",
                                              elem_id="result-slider")
-                    download = gr.File(label="Download PNG", elem_id="result-file")
+                    strip = gr.Image(label="What the model saw, bicubic, GLEAN, your original", type="pil",
+                                     format="png", interactive=False, elem_id="result-strip")
+                    download = gr.File(label="Download GLEAN's result (PNG, full size)", elem_id="result-file")
                     info = gr.Markdown(describe(models[0]))
             model.change(describe, model, info)
-            go.click(upscale, [image, model], [compare, download, info], preprocess=False)   # see read_upload
+            go.click(upscale, [image, model], [compare, strip, download, info], preprocess=False)   # see read_upload
+        with gr.Tab("Photo"):
+            gr.Markdown("Faces in the wild: every face of the photo is aligned to the model's framing, upscaled by "
+                        "GLEAN and blended back into the whole photo, upscaled by bicubic.")
+            with gr.Row():
+                with gr.Column():
+                    photo_in = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard"],
+                                        image_mode=None, elem_id="photo-image")
+                    photo_model = gr.Dropdown([c for c in choices if zoo.WEIGHTS.get(c[1]) is None or
+                                               zoo.WEIGHTS[c[1]].template], value=models[0], label="Model")
+                    outscale = gr.Slider(0, 16, value=0, step=0.5, label="Scale (0: the model's)")
+                    photo_go = gr.Button("Restore faces", variant="primary", elem_id="photo-button")
+                with gr.Column():
+                    marked = gr.Image(label="Faces found", type="pil", format="png", interactive=False)
+                    restored = gr.Image(label="Upscaled photo", type="pil", format="png", interactive=False,
+                                        elem_id="photo-result")
+                    photo_file = gr.File(label="Download (PNG, full size)", elem_id="photo-file")
+                    photo_info = gr.Markdown()
+            photo_go.click(photo, [photo_in, photo_model, outscale], [marked, restored, photo_file, photo_info],
+                           preprocess=False)
         with gr.Tab("Retouch"):
             gr.Markdown("Sec. 6 of the paper: load an edited photo and paint over the region with artefacts. GLEAN "
                         "downsamples the photo, super-resolves it back and replaces the painted region (the whole "

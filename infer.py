@@ -185,20 +185,28 @@ def side_by_side(panels: list, labels: list, size: int) -> np.ndarray:
 
 def simulate(model: glean.GLEAN, a: np.ndarray, *, name: str = "image", notes: list | None = None) -> dict:
     """The paper's own setting ("degrade and restore"): the photo is the high-resolution original. Its largest face
-    is aligned to the model's framing at out_size (the reference), made the model's input with MATLAB's bicubic
-    (imresize, antialiased) and upscaled by bicubic and by GLEAN. Returns {lr, bicubic, glean, reference,
+    is aligned to the model's framing at out_size (for other categories: its centre square at out_size) as the
+    reference, made the model's input with MATLAB's bicubic (imresize, antialiased), and upscaled by bicubic and by
+    GLEAN. Returns {lr, bicubic, glean, reference,
     compare} as arrays [H, W, 3] in [0, 1] (evaluate.py --framing scores them on many faces)."""
     cfg, notes = model.cfg, notes if notes is not None else []
-    template = needs_template(model, "--simulate")
-    photo = split(a)[0].permute(1, 2, 0).contiguous().numpy()                # RGB [H, W, 3]
-    found = faces.load_detector().detect(photo)
-    if not found:
-        raise InputError(f"{name}: no face found; --simulate needs a photo with a face")
-    ref, M = faces.align(photo, found[0].landmarks, template, cfg.out_size)
-    if faces.scale_of(M) > 1.05:
-        notes.append(f"{name}: the face is smaller in the photo than the {cfg.out_size}x{cfg.out_size} output, so "
-                     f"the reference is enlarged from it ({faces.scale_of(M):.1f}x): no true high-resolution original")
-    ref = torch.from_numpy(np.ascontiguousarray(ref)).permute(2, 0, 1).clamp(0, 1)        # [3, out, out]
+    template = face_template(model)
+    rgb = split(a)[0]
+    if template is None:                                   # not a face model: the centre square is the framing
+        ref, _ = fit(rgb, cfg.out_size, strict=False, pad=False, notes=notes, name=name)
+        enlarged = cfg.out_size / min(a.shape[:2])
+    else:
+        photo = rgb.permute(1, 2, 0).contiguous().numpy()                     # RGB [H, W, 3]
+        found = faces.load_detector().detect(photo)
+        if not found:
+            raise InputError(f"{name}: no face found; --simulate needs a photo with a face")
+        ref, M = faces.align(photo, found[0].landmarks, template, cfg.out_size)
+        ref, enlarged = torch.from_numpy(np.ascontiguousarray(ref)).permute(2, 0, 1), faces.scale_of(M)
+    if enlarged > 1.05:
+        notes.append(f"{name}: the {'face' if template is not None else 'image'} is smaller in the photo than the "
+                     f"{cfg.out_size}x{cfg.out_size} output, so the reference is enlarged from it ({enlarged:.1f}x): "
+                     f"no true high-resolution original")
+    ref = ref.clamp(0, 1)                                                     # [3, out, out]
     lr = imresize(ref, size=cfg.in_size).clamp(0, 1)                                        # the model's input
     bicubic = imresize(lr, size=cfg.out_size).clamp(0, 1)
     sr = run_model(model, lr[None])[0]
@@ -217,10 +225,12 @@ def better_model(face_px: float, in_size: int) -> str:
 
 
 def restore_faces(model: glean.GLEAN, a: np.ndarray, *, outscale: float = 0, only_center: bool = False,
-                  name: str = "image", notes: list | None = None, times: dict | None = None) -> np.ndarray:
+                  name: str = "image", notes: list | None = None, times: dict | None = None,
+                  found: list | None = None) -> np.ndarray:
     """Faces in the wild (--faces): every face of the photo is aligned to the model's framing, upscaled by GLEAN,
     warped back and blended with a feathered mask into the whole photo upscaled by bicubic (MATLAB's). The result
-    is the photo at `outscale` (default: the model's scale) times its size. `times` collects seconds per stage."""
+    is the photo at `outscale` (default: the model's scale) times its size. `times` collects seconds per stage;
+    `found` are the photo's faces if they were detected already (faces.Detector.detect)."""
     cfg, notes, times = model.cfg, notes if notes is not None else [], times if times is not None else {}
     template = needs_template(model, "--faces")
     s = outscale or cfg.scale
@@ -233,7 +243,7 @@ def restore_faces(model: glean.GLEAN, a: np.ndarray, *, outscale: float = 0, onl
         now = time.perf_counter()
         times[stage], clock = times.get(stage, 0.0) + now - clock, now
 
-    found = faces.load_detector().detect(photo)
+    found = faces.load_detector().detect(photo) if found is None else found
     if only_center and found:
         centre = np.array([photo.shape[1], photo.shape[0]]) / 2
         found = [min(found, key=lambda f: np.linalg.norm((np.array(f.box[:2]) + f.box[2:]) / 2 - centre))]
@@ -494,8 +504,8 @@ def main(argv=None) -> int:
         dev = pick_device(args.device)
         model = load_model(name, str(dev), half=dev.type == "cuda" and not args.fp32)
         mask = read_image(args.mask, max_pixels=max_pixels)[0] if args.mask else None
-        if args.simulate or (args.faces and not args.aligned):
-            needs_template(model, "--simulate" if args.simulate else "--faces")
+        if args.faces and not args.aligned:
+            needs_template(model, "--faces")
         if args.outscale > model.cfg.scale:
             raise InputError(f"--outscale {args.outscale:g} is above the model's scale ({model.cfg.scale}x)")
     except (CheckpointError, InputError, ValueError) as e:

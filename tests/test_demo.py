@@ -32,9 +32,13 @@ def test_import_is_light_and_handlers_work(model_file, tmp_path):
     assert demo._models == {}                                   # nothing loaded at import
     face = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
     face.save(tmp_path / "face.png")
-    (before, after), png, info = demo.upscale(str(tmp_path / "face.png"), str(model_file))
-    assert before.size == after.size == (32, 32) and Image.open(png).size == (32, 32)
+    (before, after), strip, png, info = demo.upscale(str(tmp_path / "face.png"), str(model_file))
+    assert before.size == after.size == (32, 32) and Image.open(png).size == (32, 32)   # degrade and restore
+    assert strip.size == (4 * 128, 128 + 18)                        # LR the model saw, bicubic, GLEAN, original
     assert Path(png).name.startswith("face_glean") and Path(png).parent == demo.outbox()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "small.png")
+    (before, after), strip, png, info = demo.upscale(str(tmp_path / "small.png"), str(model_file))
+    assert after.size == (32, 32) and strip is None                   # the model's input size: upscaled as it is
     assert oct(demo.outbox().stat().st_mode & 0o777) == "0o700"         # private: not a predictable shared folder
     edited = {"background": face, "layers": [Image.new("RGBA", face.size)], "composite": face}
     out, png = demo.retouch(edited, str(model_file))              # nothing painted: the whole image
@@ -145,3 +149,16 @@ def test_failed_download_is_one_line_on_the_console(monkeypatch, capsys):
         demo.get_model("glean_cat_8x")
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and "could not download" in err
+
+
+def test_photo_tab_marks_faces_and_returns_the_whole_photo_at_full_size(tmp_path):
+    pytest.importorskip("skimage")
+    import demo
+    import faces
+    scene, placed = faces.face_scene()
+    Image.fromarray((scene * 255).round().astype(np.uint8)).save(tmp_path / "group.png")
+    marked, restored, png, info = demo.photo(str(tmp_path / "group.png"), "glean_face_small_8x", 2)
+    assert marked.size == (640, 480) and restored.size == (1280, 960)
+    assert Image.open(png).size == (1280, 960) and info.startswith(f"{len(placed)} face(s) found")
+    with pytest.raises(gr.Error, match="not a face model"):
+        demo.photo(str(tmp_path / "group.png"), "glean_cat_8x", 2)

@@ -156,7 +156,7 @@ def test_face_flags_need_a_face_model_and_sane_values(tmp_path, capsys):
     from conftest import tiny_cfg
     glean.GLEAN(tiny_cfg(8, 32)).save(tmp_path / "tiny.safetensors")
     x = save(np.zeros((8, 8, 3), np.float32), tmp_path / "x.png")
-    for args, message in ((["--simulate", "-m", tmp_path / "tiny.safetensors"], "needs a face model"),
+    for args, message in ((["--faces", "-m", tmp_path / "tiny.safetensors"], "needs a face model"),
                           (["--faces", "--outscale", "16"], "above the model's scale"),
                           (["--outscale", "2"], "go with --faces")):
         code, err = run(["-i", x, "-o", tmp_path / "o", *args], capsys)
