@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
-CONFIGS = {  # official constructor kwargs (tests/data/manifest_*.json); "shipped": the default model, its weights
-    "cat_8x": dict(in_size=32, out_size=256),
+CONFIGS = {  # official constructor kwargs (tests/data/manifest_*.json); "shipped": the default model, its weights;
+    "cat_8x": dict(in_size=32, out_size=256),           # "faces": infer.py --faces on a 640x480 scene with 5 faces
     "ffhq_16x": dict(in_size=64, out_size=1024),
     "shipped": None,
+    "faces": None,
 }
 OFFICIAL = {"cat_8x": "timing_glean_cat_8x.json", "ffhq_16x": "timing_glean_ffhq_16x.json"}
 
@@ -79,8 +80,30 @@ def golden_error(path: str = "fast") -> float:
         return (model(io["input"]) - io["output"]).abs().max().item()
 
 
+def run_faces(device: str, repeats: int) -> dict:
+    """infer.py --faces with the shipped model on faces.face_scene() (640x480, 5 faces: the public-domain astronaut's
+    head on scikit-image's rocket picture): seconds per stage, median over the repeats after a warm-up."""
+    import faces
+    import infer
+    import zoo
+    model = zoo.load_pretrained(zoo.DEFAULT_MODEL).to(device)
+    scene, placed = faces.face_scene()
+    infer.restore_faces(model, scene)                          # warm-up (and the detector's weights loaded)
+    runs = []
+    for _ in range(repeats):
+        times = {}
+        t = time.perf_counter()
+        infer.restore_faces(model, scene, times=times)
+        runs.append({**times, "total": time.perf_counter() - t})
+    return {"config": "faces", "path": "fast", "device": device, "faces": len(placed),
+            "median_s": {k: statistics.median(r[k] for r in runs) for k in runs[0]},
+            "times_s": [round(r["total"], 4) for r in runs], "maxrss_MiB": {"after_forward": max_rss_mib()}}
+
+
 def run_one(name: str, device: str, repeats: int, amp: bool, batch: int = 1, path: str = "fast") -> dict:
     """Runs in its own process: build, warm up, time, count FLOPs."""
+    if name == "faces":
+        return run_faces(device, repeats)
     rss_import = max_rss_mib()
     import glean
     import glean_fast
@@ -250,6 +273,14 @@ def main():
         cmd += ["--amp"] * args.amp + (["--threads", str(args.threads)] if args.threads else [])
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         results.append(r)
+        if name == "faces":
+            if path == args.paths[0]:
+                m = r["median_s"]
+                print(f"faces     {m['total']:.3f} s per 640x480 scene with {r['faces']} faces ({zoo.DEFAULT_MODEL}, "
+                      f"8x, runs {r['times_s']}): " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in m.items()
+                                                                if k != "total") +
+                      f"; peak RSS {r['maxrss_MiB']['after_forward']:.0f} MiB")
+            continue
         gflops = r["flops"] / r["median_s"] / 1e9
         mem = (f"peak RSS {r['maxrss_MiB']['after_forward']:.0f} MiB (import {r['maxrss_MiB']['after_import']:.0f}, "
                f"built {r['maxrss_MiB']['after_build']:.0f})")
