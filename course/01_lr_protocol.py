@@ -2,9 +2,10 @@
 # # Chapter 1. The low-resolution protocol
 #
 # A super-resolution network never sees "a small image": it sees small images made by one particular operator
-# from large ones, and it learns to undo *that operator*. GLEAN's training pairs (Appendix A; the official
-# `BIx8_down`, `BIx16_down` folders) are made with MATLAB's `imresize(hr, 1/s, 'bicubic')`, and so are this
-# project's (`images.imresize`, and `train.py` makes every LR image with it). This chapter asks what that operator
+# from large ones, and it learns to undo *that operator*. The released GLEAN models were trained on LR images made
+# with MATLAB's `imresize(hr, 1/s, 'bicubic')` (the official data folders `BIx8_down`, `BIx16_down`: "BI" for
+# MATLAB bicubic), and so was this project's shipped model (`images.imresize`: `train.py` makes every LR image with
+# it). This chapter asks what that operator
 # does, how the resizers people reach for (Pillow, OpenCV, `torch.nn.functional.interpolate`) differ from it, and
 # what happens when the shipped model gets an LR image made by another one.
 #

@@ -162,11 +162,11 @@ lesson.save_figure(fig, "02_noise.png")
 
 # %%
 zA, zB = torch.randn(16, cfg.style_channels, generator=gen), torch.randn(16, cfg.style_channels, generator=gen)
-trunc = lambda w: w_mean + 0.7 * (w - w_mean)  # noqa: E731   truncation, psi = 0.7
+trunc = lambda w: w_mean + 0.7 * (w - w_mean)  # truncation, psi = 0.7
 wA, wB = trunc(G.mapping(zA)), trunc(G.mapping(zB))
 img_A = G.synthesis(G.styles_to_latents(wA, input_is_latent=True), noise="const")
 img_B = G.synthesis(G.styles_to_latents(wB, input_is_latent=True), noise="const")
-lr = lambda t: images.imresize(t, size=8)  # noqa: E731   the LR image GLEAN would see
+lr = lambda t: images.imresize(t, size=8)  # the LR image GLEAN would see
 mixes = {}
 for k in (2, 4, 6, 8):
     mixes[k] = G.synthesis(G.styles_to_latents([wB, wA], input_is_latent=True, inject_index=k), noise="const")
@@ -178,10 +178,11 @@ fig = lesson.image_grid(rows, ["A", "B's first 2", "B's first 4", "B's first 6",
 lesson.save_figure(fig, "02_style_mixing.png")
 
 # %% [markdown]
-# With B's first 4 of 10 vectors (everything up to the 16 px layers) the 8x8 image is already B's; the remaining
-# 6 vectors change what an 8x LR image cannot see. GLEAN's encoder has to infer all ten from the LR image: the
-# first few from what it sees, the rest as a plausible guess, which the bank then turns into detail. It also
-# passes spatial features f_i into the bank (eq. 3), which a style vector, one number per channel, cannot carry.
+# With B's first 4 of 10 vectors (up to the first 16 px layer) the 8x8 image is already about three times closer to
+# B's than to A's, and with 6 almost B's own; the remaining vectors change mostly what an 8x LR image cannot see.
+# GLEAN's encoder has to infer all ten from the LR image: the first few from what it sees, the rest as a plausible
+# guess, which the bank then turns into detail. It also passes spatial features f_i into the bank (eq. 3), which a
+# style vector, one number per channel, cannot carry.
 #
 # ## Exercises
 #

@@ -128,7 +128,7 @@ for label, c in configs.items():
     print(f"\n{label}: N = {len(m.encoder) - 2}, C = [{c.num_latents}, {c.style_channels}]")
     for name, shape_in, shape_out, n in rows:
         print(f"  {name:16s} {str(shape_in):22s} -> {str(shape_out):22s} {n:>12,}")
-    count = lambda mods: sum(p.numel() for mod in mods for p in mod.parameters())  # noqa: E731
+    count = lambda mods: sum(p.numel() for mod in mods for p in mod.parameters())
     param_table[label] = {"E_0": count([m.encoder[0]]), "E_1..E_N": count(m.encoder[1:-1]),
                           "E_N+1": count([m.encoder[-1]]), "bank (frozen)": count([m.bank]),
                           "fusion convs": count([m.fusion_out]), "decoder": count([m.decoder])}

@@ -64,7 +64,7 @@ lesson.result("astronaut_psnr_bicubic", evaluate.psnr(images.imresize(x_astro, s
 def capture(model, x) -> tuple:
     """model(x) and the maps {name: tensor} that the hooks saw."""
     seen, hooks = {}, []
-    put = lambda name: (lambda mod, args, out: seen.__setitem__(name, out))  # noqa: E731
+    put = lambda name: (lambda mod, args, out: seen.__setitem__(name, out))
     hooks.append(model.bank.conv1.register_forward_hook(put("g[4]")))
     for k, r in enumerate(model.bank.resolutions):
         hooks.append(model.bank.convs[2 * k + 1].register_forward_hook(put(f"g[{r}]")))
@@ -190,8 +190,8 @@ lesson.save_figure(fig, "04_knockouts.png")
 #   notes it (Sec. 3.3: the skip lets "the latent bank focus more on the texture and detail generation").
 # - **Encoder features into the bank** (eq. 3): the finest one, f[8], matters (about a dB); f[4] hardly does,
 #   because its information also reaches the bank through f[8] and C.
-# - **Bank features into the decoder** (eq. 4): each of g[16], g[32], g[64] is worth a fraction of a dB; the
-#   decoder leans on the bank at every resolution.
+# - **Bank features into the decoder** (eq. 4): each of g[16], g[32], g[64] is worth between a quarter of a dB
+#   and a dB; the decoder leans on the bank at every resolution.
 # - **C, the latent vectors**, replaced by their batch mean cost almost nothing: in this small model the
 #   image-specific content travels through the spatial features, not the style vectors. That is the paper's point
 #   about GAN inversion (Sec. 2 and Fig. 7): a few vectors cannot carry an image's spatial detail.
