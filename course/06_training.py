@@ -59,9 +59,11 @@ x = images.imresize(y, size=G.cfg.in_size)                                  # [4
 
 D = stylegan2.Discriminator(stylegan2.DiscriminatorConfig(
     in_size=64, channel_multiplier=G.cfg.channel_multiplier, channel_base=G.cfg.channel_base))
-vgg_file = Path(tempfile.mkdtemp()) / "vgg16_random.pt"                      # random VGG16 features (see above)
-torch.save({f"features.{k}": v for k, v in torchvision.models.vgg16().features[:22].state_dict().items()}, vgg_file)
-percep = train.PerceptualLoss(str(vgg_file))
+with tempfile.TemporaryDirectory() as tmp:                                  # random VGG16 features (see above),
+    vgg_file = Path(tmp) / "vgg16_random.pt"                                # as a file: what --vgg-weights reads
+    torch.save({f"features.{k}": v for k, v in torchvision.models.vgg16().features[:22].state_dict().items()},
+               vgg_file)
+    percep = train.PerceptualLoss(str(vgg_file))
 cfg = train.TrainConfig()                                                   # Appendix A's weights: 1, 1e-2, 1e-2
 print(f"alpha_percep = {cfg.percep_weight}, alpha_gen = {cfg.gan_weight}")
 
