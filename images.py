@@ -2,7 +2,8 @@
 and demo.py.
 
 - `imresize`: MATLAB `imresize(..., 'bicubic')`, antialiased when shrinking. The released GLEAN models were trained
-  on LR inputs made this way; OpenCV/PIL bicubic inputs give visibly worse results (course/01 shows why).
+  on LR inputs made this way; resizers without antialiasing (OpenCV's INTER_CUBIC, F.interpolate's default) give
+  aliased inputs and much worse results, Pillow's (antialiased) bicubic nearly the same (course/01 measures it).
 - Files: `read_image` / `write_image` (arrays [H, W, C] float32 in [0, 1], C = 1 grey, 2 grey + alpha, 3 RGB,
   4 RGBA, with their bits per sample: 8 or 16), `read_rgb` (a tensor [3, H, W] for training), `image_size` (from the
   header only), `list_images`, `square` (crop box + resize), and the public-domain example pictures.
