@@ -739,6 +739,14 @@ def loader(dataset, cfg: TrainConfig, env: Env, start_micro: int):
         persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals))
 
 
+def close_loader(batches) -> None:
+    """Stop a DataLoader iterator's workers now, also when an exception leaves the loop: the workers ignore SIGTERM,
+    so the terminate() with which multiprocessing ends leftover workers at interpreter exit would wait for ever."""
+    shutdown = getattr(batches, "_shutdown_workers", None)                  # torch's own clean shutdown
+    if shutdown is not None:
+        shutdown()
+
+
 def mbstd_group(n: int, largest: int = 4) -> int:
     """The discriminator's minibatch-stddev group for micro-batches of n: StyleGAN2's 4 (the official configs train
     with 8 images per GPU), or the largest size below it that divides n (e.g. 3 for 6 images, 1 for 5)."""
@@ -933,7 +941,7 @@ def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
             print(f"validation: PSNR only; {why}", file=sys.stderr)
         else:
             lpips = lpips.to(env.device)
-    log, stop, seen = None, Stopper(), set()                # the Stopper before the DataLoader starts its workers
+    log, stop, seen, batches = None, Stopper(), set(), None  # the Stopper before the DataLoader starts its workers
 
     def save(step):
         st = {"format": "glean-train", "stage": "glean", "config": asdict(cfg), "model_config": asdict(mcfg),
@@ -1000,6 +1008,7 @@ def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
             if checkpoint_or_stop(step, cfg, env, stop, save):
                 break
     finally:
+        close_loader(batches)
         stop.close()
         if log is not None:
             log.close()
@@ -1077,7 +1086,7 @@ def train_bank(cfg: TrainConfig, env: Env, state: dict | None) -> None:
     data = SRDataset(cfg.data, cfg.out_size, seed=cfg.seed, crop=cfg.crop, crop_jitter=cfg.crop_jitter,
                      report=env.main)
     same_data(state, data, env)
-    log, stop, seen = None, Stopper(), set()                # the Stopper before the DataLoader starts its workers
+    log, stop, seen, batches = None, Stopper(), set(), None  # the Stopper before the DataLoader starts its workers
     beta = 0.5 ** (cfg.batch / (cfg.ema_kimg * 1000))                       # EMA decay per step (global batch)
     z_fixed = torch.randn(16, gcfg.style_channels, generator=torch.Generator().manual_seed(cfg.seed)).to(env.device)
 
@@ -1151,6 +1160,7 @@ def train_bank(cfg: TrainConfig, env: Env, state: dict | None) -> None:
             if checkpoint_or_stop(step, cfg, env, stop, save):
                 break
     finally:
+        close_loader(batches)
         stop.close()
         if log is not None:
             log.close()

@@ -3,6 +3,7 @@ import collections
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import signal
@@ -793,6 +794,8 @@ def test_small_and_unreadable_images_are_reported_once(images, bank32, tmp_path,
     err = capfd.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error: no readable image among the 2 files"), err
     assert "Traceback" not in err
+    # its workers are gone: they ignore SIGTERM, so multiprocessing's terminate() at exit could not end them
+    assert not multiprocessing.active_children()
 
 
 def test_two_nodes_with_c10d_rendezvous_equal_one_node(images, bank32, reference, tmp_path):
