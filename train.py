@@ -74,7 +74,8 @@ class TrainConfig:
     lr: float = 1e-4                 # Adam learning rate (Appendix A); bank stage: 2e-3
     betas: tuple = (0.9, 0.99)       # Adam betas (official configs); bank stage: (0, 0.99)
     min_lr: float = 1e-7             # eta_min of the cosine annealing (official: 1e-7)
-    lr_period: int = 0               # T_max of the cosine in steps, 0 = iters (official: 600k over a 300k-step run)
+    lr_period: int = 0               # T_max of the cosine in steps, 0 = iters (the released models' configs: the
+                                     # whole run; mmagic 1.x's base config: 600k over a 300k-step run)
     pixel_weight: float = 1.0        # MSE, Eq. (5)
     percep_weight: float = 1e-2      # alpha_percep, Eq. (8)
     percep_norm_img: bool = False    # map [-1, 1] to [0, 1] before VGG's ImageNet normalisation (official norm_img:
@@ -102,29 +103,35 @@ class TrainConfig:
 
 # The released models' categories and scales: sizes, latent bank, data folders, and the training recipe.
 #
-# The recipe is Appendix A's (Adam 1e-4, 300k steps, global batch 8 for faces and 16 otherwise) with what the
-# official mmagic configs add (configs/glean/glean_x16_2xb8_ffhq.py, glean_x8_2xb8_cat.py, glean_x16_2xb8_cat.py,
-# glean_in128out1024_4xb2-300k_ffhq-celeba-hq.py and their base configs/_base_/models/base_glean.py):
-# - schedule: CosineAnnealingLR with T_max 600k and eta_min 1e-7 over max_iters 300k, so the learning rate ends at
-#   about 5e-5, half way down the cosine (older mmediting configs: CosineRestart, periods [600000], min_lr 1e-7);
-#   Adam betas (0.9, 0.99) for both networks;
-# - perceptual loss: VGG16 layer '21' (conv4_3, before its ReLU) with ImageNet weights, MSE, weight 1e-2;
-#   norm_img=False in the 8x/16x configs (the network's [-1, 1] range goes into the ImageNet normalisation as is),
-#   True in the in128 -> 1024 config (mapped to [0, 1] first);
-# - MSE weight 1, vanilla GAN loss weight 1e-2; the discriminator is StyleGAN2's, initialised from the same release
-#   file as the bank (its 'discriminator' weights);
-# - batch: "2xb8" is 2 GPUs x 8 = 16 images per step for ffhq 16x and cat 8x / 16x, "4xb2" is 4 x 2 = 8 for
-#   in128 -> 1024. For ffhq 16x this preset follows Appendix A (8 for faces), not the config's 16.
+# The recipe is Appendix A's (Adam 1e-4, 300k steps, cosine annealing, 8 images per step for faces and 16
+# otherwise), with what the paper leaves open taken from the official configs. Two generations of them exist:
+# (a) mmediting 0.x, configs/restorers/glean/glean_ffhq_16x.py, glean_cat_8x.py, glean_cat_16x.py,
+#     glean_in128out1024_4x2_300k_ffhq_celebahq.py: the configs the released checkpoints and their logs
+#     (2021-05 to 2021-08) come from, written by the paper's first author;
+# (b) mmagic 1.x ports, configs/glean/glean_x16_2xb8_ffhq.py, glean_x8_2xb8_cat.py, glean_x16_2xb8_cat.py,
+#     glean_in128out1024_4xb2-300k_ffhq-celeba-hq.py with their base configs/_base_/models/base_glean.py.
+# Both: Adam lr 1e-4, betas (0.9, 0.99) for G and D; 300k iterations; MSE weight 1; perceptual loss on VGG16 layer
+# '21' (conv4_3, before its ReLU), MSE, weight 1e-2, with norm_img=False in the 8x/16x configs (the network's
+# [-1, 1] images go into the ImageNet normalisation as they are) and True in the in128 -> 1024 one (mapped to
+# [0, 1] first); vanilla GAN loss weight 1e-2; the StyleGAN2 discriminator initialised from the same release file
+# as the bank ('discriminator' weights).
+# Where they differ:
+# - schedule: (a) CosineRestart, periods [300000], min_lr 1e-7: one cosine over the whole run, down to 1e-7;
+#   (b) CosineAnnealingLR, T_max 600k, eta_min 1e-7 over 300k iterations: the run ends half way, at ~5e-5;
+# - images per step: (a) 2 GPUs x 4 = 8 for ffhq 16x, 2 x 8 = 16 for cats, 4 x 2 = 8 for in128 -> 1024, as in
+#   Appendix A; (b) "2xb8" = 16 for ffhq 16x as well.
+# The presets follow Appendix A and (a): --lr-period 0 (the whole run) and 8 / 16 images per step.
+# `--lr-period 600000 --batch 16` gives (b)'s ffhq 16x.
 PRESETS = {
-    ("ffhq", 16): dict(out_size=1024, bank="stylegan2_ffhq_1024", batch=8, lr_period=600_000,
-                       percep_norm_img=False, hr="ffhq/images", lr="ffhq/BIx16_down", val="CelebA-HQ/GT",
+    ("ffhq", 16): dict(out_size=1024, bank="stylegan2_ffhq_1024", batch=8, lr_period=0, percep_norm_img=False,
+                       hr="ffhq/images", lr="ffhq/BIx16_down", val="CelebA-HQ/GT",
                        url="https://github.com/NVlabs/ffhq-dataset"),
-    ("ffhq", 8): dict(out_size=1024, bank="stylegan2_ffhq_1024", batch=8, lr_period=600_000, percep_norm_img=True,
+    ("ffhq", 8): dict(out_size=1024, bank="stylegan2_ffhq_1024", batch=8, lr_period=0, percep_norm_img=True,
                       hr="ffhq/images", degrade=True, val="CelebA-HQ/GT", url="https://github.com/NVlabs/ffhq-dataset"),
-    ("cat", 8): dict(out_size=256, bank="stylegan2_cat_256", batch=16, lr_period=600_000, percep_norm_img=False,
+    ("cat", 8): dict(out_size=256, bank="stylegan2_cat_256", batch=16, lr_period=0, percep_norm_img=False,
                      hr="cat_train/GT", lr="cat_train/BIx8_down", val="cat_test/GT",
                      url="https://www.yf.io/p/lsun (LSUN cat)"),
-    ("cat", 16): dict(out_size=256, bank="stylegan2_cat_256", batch=16, lr_period=600_000, percep_norm_img=False,
+    ("cat", 16): dict(out_size=256, bank="stylegan2_cat_256", batch=16, lr_period=0, percep_norm_img=False,
                       hr="cat_train/GT", lr="cat_train/BIx16_down", val="cat_test/GT",
                       url="https://www.yf.io/p/lsun (LSUN cat)"),
 }
@@ -766,7 +773,8 @@ def precision(cfg: TrainConfig, env: Env):
 
 def cosine(opt, cfg: TrainConfig):
     """Cosine annealing (Appendix A) in the official form: lr(t) = min_lr + (lr - min_lr) (1 + cos(pi t / T)) / 2,
-    T = --lr-period (the official 600k: a 300k-step run ends half way down, at ~lr / 2) or, if 0, --iters."""
+    T = --lr-period, or if 0 --iters (the released models' configs: one cosine over the whole run, to min_lr; with
+    mmagic 1.x's T = 600k a 300k-step run ends half way down, at ~lr / 2)."""
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.lr_period or cfg.iters, eta_min=cfg.min_lr)
 
 
@@ -1243,8 +1251,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accum", type=int, help=f"micro-batches per optimizer step (default: {d.accum})")
     g.add_argument("--lr", type=float, help=f"Adam learning rate of both networks (default: {d.lr}; bank stage 2e-3)")
     g.add_argument("--min-lr", type=float, help=f"end of the cosine annealing, eta_min (default: {d.min_lr})")
-    g.add_argument("--lr-period", type=int, help="cosine half-period T_max in steps, 0 = --iters (default: presets "
-                                                 "600000 as the official configs; else 0)")
+    g.add_argument("--lr-period", type=int, help="cosine half-period T_max in steps, 0 = --iters, as in the released "
+                                                 "models' configs; mmagic 1.x's base config: 600000 (default: 0)")
     g.add_argument("--betas", type=float, nargs=2, help=f"Adam betas (default: {' '.join(map(str, d.betas))}; "
                                                         f"bank stage 0 0.99)")
     g.add_argument("--pixel-weight", type=float, help=f"weight of L_mse, Eq. (5) (default: {d.pixel_weight})")
