@@ -4,7 +4,9 @@
   checkpoints may carry arbitrary objects in their `meta`) is read by `RestrictedUnpickler`, which rebuilds tensors
   and plain containers only and replaces every other object by an inert `Placeholder`. It never imports or calls
   anything named in the file.
-- `save_file(obj, path)`: plain data (tensors, numbers, strings, dicts), written atomically (temp file + rename).
+- `save_file(obj, path)`: plain data (tensors, numbers, strings, dicts), written atomically (temp file + rename,
+  with the permissions an ordinary file gets under the umask); `remove_stale_temp(folder)` deletes the hidden
+  partial files a killed write leaves behind.
 - `download(url, sha256_prefix)`: fetch into the torch.hub cache with a hash check (http(s) or file:// URLs).
 """
 import contextlib
@@ -102,9 +104,15 @@ restricted_pickle = types.SimpleNamespace(Unpickler=RestrictedUnpickler, load=_r
                                           __name__="glean_io.restricted_pickle")
 
 
-# What torch's unpicklers raise on a file that is not a checkpoint (a text file, a truncated or crafted pickle).
-_NOT_A_CHECKPOINT = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, IndexError, ValueError, TypeError,
-                     AttributeError, UnicodeDecodeError, struct.error)
+def _why(e: BaseException) -> str:
+    """The first line of an exception's message, or its type when the message is empty (e.g. a bare EOFError)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+# what reading a damaged or foreign file can raise inside torch.load / pickle: all mean "not a usable checkpoint"
+_UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError,
+               AttributeError, UnicodeDecodeError, zipfile.BadZipFile, struct.error)
 
 
 def torch_load(path, map_location="cpu"):
@@ -113,20 +121,25 @@ def torch_load(path, map_location="cpu"):
     mmap = zipfile.is_zipfile(path)  # zip-format files map their tensors instead of reading them into memory
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except _NOT_A_CHECKPOINT as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0]
+    except _UNREADABLE as e:
         if "TorchScript" in str(e):                 # torch's own message would suggest weights_only=False: never
             raise CheckpointError(f"{path} is a TorchScript archive (a compiled model), not a checkpoint of weights: "
                                   f"save the model's state_dict() instead") from None
         if not (isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)):
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, corrupt or truncated "
-                                  f"({type(e).__name__}: {first}); re-download or re-export it") from e
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_why(e)}); re-download or re-export "
+                                  f"it") from e
     try:                                            # objects other than tensors: rebuilt inert, never run
         return torch.load(path, map_location=map_location, weights_only=False, pickle_module=restricted_pickle,
                           mmap=mmap)
-    except _NOT_A_CHECKPOINT as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, corrupt or truncated ({type(e).__name__}: "
-                              f"{(str(e).splitlines() or [''])[0]}); re-download or re-export it") from e
+    except _UNREADABLE as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_why(e)}); re-download or re-export "
+                              f"it") from e
+
+
+def _check_not_empty(path: Path) -> None:
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes, e.g. left by a killed copy or a full disk); "
+                              f"delete it or restore the file")
 
 
 def load_pickle(path):
@@ -135,11 +148,12 @@ def load_pickle(path):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"file not found: {path}")
+    _check_not_empty(path)
     try:
         with open(path, "rb") as f:
             return RestrictedUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a readable pickle ({str(e).splitlines()[0]})") from e
+    except _UNREADABLE as e:
+        raise CheckpointError(f"{path}: not a readable pickle ({_why(e)})") from e
 
 
 def load_file(path) -> dict:
@@ -148,6 +162,7 @@ def load_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (check the path, or pass a registered model name)")
+    _check_not_empty(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         try:
@@ -159,8 +174,8 @@ def load_file(path) -> dict:
         obj = torch_load(path)
     except CheckpointError:
         raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]}); "
+    except _UNREADABLE as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_why(e)}); "
                               f"re-download or re-export it") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
@@ -215,12 +230,30 @@ def load_state_strict(module: torch.nn.Module, file_sd: dict, names: dict, sourc
 # Writing
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux: /proc/self/status), else by
+    setting and restoring it (a moment in which another thread creating files would use 0o077)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+TEMP_SUFFIX = ".tmp"   # atomic_write's temporary files: ".<name>.<random>.tmp" beside the target
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
-    """Open a temporary file next to `path`; rename it over `path` only if the block succeeds."""
+    """Open a temporary file next to `path`; rename it over `path` only if the block succeeds. The file gets the
+    permissions of an ordinary new file (0o666 less the umask), not mkstemp's private 0o600."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -230,6 +263,19 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temp(folder, names: str = "*") -> list:
+    """Delete the partial files that writes into `folder` killed by SIGKILL or a crash left behind (hidden
+    ".<name>.<random>.tmp" files of atomic_write, for targets matching the glob `names`). Call it only where no
+    other process is writing to the folder. Returns the removed paths."""
+    removed = []
+    for p in sorted(Path(folder).glob(f".{names}.*{TEMP_SUFFIX}")):
+        if p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def save_file(obj: dict, path) -> None:

@@ -644,7 +644,8 @@ def generator_state(ckpt, source: str = "checkpoint") -> tuple:
     meta = ckpt["metadata"] if isinstance(ckpt.get("metadata"), dict) else ckpt
     if meta.get("format") == "stylegan2":                                 # ours (.pt or .safetensors)
         config = meta.get("config")
-        return state_dict_of(ckpt, source), _config(config, source)
+        return ({k: v for k, v in state_dict_of(ckpt, source).items() if not k.startswith("discriminator.")},
+                _config(config, source))
     if ckpt.get("format") == "glean-train" and isinstance(ckpt.get("g_ema"), dict):   # our bank-training checkpoint
         return ckpt["g_ema"], _config(ckpt.get("generator_config"), source)
     if "G_ema" in ckpt:                                                   # NVIDIA stylegan2-ada pickle
@@ -704,9 +705,14 @@ def load_generator(ckpt, config: GeneratorConfig | None = None) -> Generator:
     return load_generator_weights(G, ckpt).eval()
 
 
-def save_generator(G: Generator, path) -> None:
-    """This project's bank file: the generator's tensors + its config as plain data (.safetensors or .pt)."""
+def save_generator(G: Generator, path, discriminator: "Discriminator | None" = None) -> None:
+    """This project's bank file: the generator's tensors + its config as plain data (.safetensors or .pt), and
+    optionally the discriminator trained with it (tensors under 'discriminator.', its config in the metadata), from
+    which GLEAN training starts its own (as the official configs do from the StyleGAN2 release)."""
     sd = {k: v.detach().contiguous().cpu() for k, v in G.state_dict().items()}
     meta = {"format": "stylegan2", "config": asdict(G.cfg)}
+    if discriminator is not None:
+        sd.update({f"discriminator.{k}": v.detach().contiguous().cpu() for k, v in discriminator.state_dict().items()})
+        meta["discriminator_config"] = asdict(discriminator.cfg)
     save_file({**meta, "state_dict": sd, "metadata": meta} if str(path).endswith(".safetensors") else
               {**meta, "state_dict": sd}, path)

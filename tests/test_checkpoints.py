@@ -193,3 +193,38 @@ def test_download_file_url_with_hash(tmp_path):
     with pytest.raises(CheckpointError, match="sha256 .* does not start with deadbeef"):
         glean_io.download(src.as_uri(), "deadbeef", progress=False, cache_dir=cache)
     assert list(cache.iterdir()) == []  # nothing half-written or unverified left in the cache
+
+
+@pytest.mark.parametrize("content,match", [(b"", "empty file"),
+                                           (b"hello, this is a text file\n" * 20, "corrupt or truncated")])
+def test_empty_and_text_files_are_named_not_tracebacks(tmp_path, content, match):
+    """A zero-byte checkpoint (killed copy) and a text file passed as weights: a CheckpointError naming the file."""
+    for name in ("x.pt", "x.pkl"):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match=match if name == "x.pt" else "empty file|not a readable pickle"):
+            (glean_io.load_pickle if name.endswith(".pkl") else glean_io.load_file)(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        assert glean_io.current_umask() == umask
+        glean_io.save_file({"x": torch.zeros(1)}, tmp_path / "a.pt")
+        (tmp_path / "b.txt").write_text("an ordinary file")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    (tmp_path / ".step_00000002.pt.k3j2_x.tmp").write_bytes(b"partial")      # as a SIGKILL during a write leaves
+    (tmp_path / ".glean.safetensors.abc.tmp").write_bytes(b"partial")
+    keep = [tmp_path / "step_00000001.pt", tmp_path / "notes.tmp", tmp_path / ".hidden"]
+    for p in keep:
+        p.write_bytes(b"x")
+    removed = glean_io.remove_stale_temp(tmp_path, "step_*.pt")
+    assert [p.name for p in removed] == [".step_00000002.pt.k3j2_x.tmp"]
+    assert glean_io.remove_stale_temp(tmp_path) == [tmp_path / ".glean.safetensors.abc.tmp"]
+    assert sorted(tmp_path.iterdir()) == sorted(keep)

@@ -3,6 +3,7 @@ import collections
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import signal
@@ -139,47 +140,133 @@ def run_cli(args, **kw):
                           cwd=ROOT, **kw)
 
 
-def test_resume_after_sigterm_equals_uninterrupted(images, bank32, tmp_path):
-    steps = ["--iters", "12", "--ckpt-every", "100"]
-    full = tmp_path / "full"
-    assert train.main(glean_args(images, bank32, full, *steps)) == 0
-    part = tmp_path / "part"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *glean_args(images, bank32, part, *steps)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((part / "metrics.jsonl").exists() and
-                                          len((part / "metrics.jsonl").read_text().splitlines()) >= 3):
+def rows(run: Path) -> list:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for_rows(run: Path, n: int, proc, timeout=120):
+    """Wait until the run has logged n metric rows (or its process ended)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not (
+            (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= n):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "SIGTERM" in err and "stopped at step" in out
-    stopped = train.checkpoints(part)[-1]
-    k = torch.load(stopped, weights_only=True)["step"]
-    assert 3 <= k < 12, "interrupt came too late to test a resume"
-    assert train.main(["--out", str(part), "--resume", "--data", "ignored", "--workers", "0"]) == 0
-    a, b = metrics(full), metrics(part)
-    assert sorted(a) == sorted(b) == list(range(1, 13))
-    for s in a:
-        for key in ("loss/mse", "loss/gen", "loss/d", "lr"):
-            assert a[s][key] == pytest.approx(b[s][key], rel=1e-5, abs=1e-7), (s, key)
-    wa = torch.load(train.checkpoints(full)[-1], weights_only=True)["model"]
-    wb = torch.load(train.checkpoints(part)[-1], weights_only=True)["model"]
+
+
+def same_run(a: Path, b: Path, steps: int, keys=("loss/mse", "loss/gen", "loss/d", "lr")):
+    """Two runs logged the same losses at every step and ended with the same weights."""
+    ma, mb = metrics(a), metrics(b)
+    assert sorted(ma) == sorted(mb) == list(range(1, steps + 1))
+    for s in ma:
+        for key in keys:
+            assert ma[s][key] == pytest.approx(mb[s][key], rel=1e-5, abs=1e-7), (s, key)
+    wa = torch.load(train.checkpoints(a)[-1], weights_only=True)["model"]
+    wb = torch.load(train.checkpoints(b)[-1], weights_only=True)["model"]
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
 
 
-def test_truncated_checkpoint_is_skipped(images, bank32, tmp_path, capsys):
+def test_resume_after_sigterm_equals_uninterrupted(images, bank32, tmp_path):
+    """SIGTERM to the whole process group (as batch schedulers send it), DataLoader workers included: the run saves
+    and exits 0; resumed without --data, it logs as one run and ends as the uninterrupted one."""
+    steps = ["--iters", "12", "--ckpt-every", "100"]
+    full = tmp_path / "full"
+    assert train.main(glean_args(images, bank32, full, *steps)) == 0
+    part = tmp_path / "part"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *glean_args(images, bank32, part, *steps),
+                             "--workers", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_rows(part, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err and "stopped at step" in out and "killed by signal" not in err
+    assert "step 2/12" in err and "images/s" in err and "ETA" in err      # progress lines without a terminal
+    stopped = train.checkpoints(part)[-1]
+    k = torch.load(stopped, weights_only=True)["step"]
+    assert 3 <= k < 12, "interrupt came too late to test a resume"
+    with open(part / "metrics.jsonl", "a") as f:                # rows logged after the checkpoint, and a cut line
+        f.write(json.dumps({"step": k + 1, "loss/g": 9.0, "time": 0.1}) + '\n{"step": ')
+    assert train.main(["--out", str(part), "--resume", "--workers", "0"]) == 0
+    same_run(full, part, 12)
+    logged = rows(part)
+    assert [r["step"] for r in logged] == list(range(1, 13))                  # one run: no duplicate steps,
+    times = [r["time"] for r in logged]
+    assert times == sorted(times) and times[k] >= times[k - 1]               # and the wall time goes on
+
+
+def test_logger_continues_after_a_resume(tmp_path):
+    """TensorBoard and metrics.jsonl of a resumed run read as one run: what was logged after the checkpoint is
+    dropped, the time goes on."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg, env = train.TrainConfig(iters=10), train.Env(0, 1, torch.device("cpu"))
+    log = train.Logger(tmp_path, cfg, env, start=0)
+    for step in range(1, 6):
+        log.scalars(step, {"loss/g": float(step)})
+    log.close()
+    log = train.Logger(tmp_path, cfg, env, start=3, elapsed=100.0)            # resumed from step 3's checkpoint
+    for step in range(4, 7):
+        log.scalars(step, {"loss/g": 10.0 + step})
+    log.close()
+    logged = rows(tmp_path)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6] and logged[3]["time"] >= 100
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss/g")] == [(1, 1), (2, 2), (3, 3), (4, 14), (5, 15), (6, 16)]
+
+
+def test_damaged_checkpoints_and_stale_partial_files(images, bank32, tmp_path, capsys):
     run = tmp_path / "run"
-    assert train.main(glean_args(images, bank32, run, "--iters", "4", "--ckpt-every", "2")) == 0
-    newest = train.checkpoints(run)[-1]
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 3])      # as if killed while copying
+    old = os.umask(0o022)
+    try:
+        assert train.main(glean_args(images, bank32, run, "--iters", "6", "--ckpt-every", "2")) == 0
+    finally:
+        os.umask(old)
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in [*train.checkpoints(run), run / "glean.safetensors"])
+    ckpts = train.checkpoints(run)
+    ckpts[-1].write_bytes(b"")                                                   # zero bytes: a killed copy
+    ckpts[-2].write_bytes(ckpts[-2].read_bytes()[: ckpts[-2].stat().st_size // 3])   # truncated
+    partial = run / "checkpoints" / ".step_00000008.pt.x7f3k2.tmp"               # a write killed by SIGKILL
+    partial.write_bytes(b"\0" * 1000)
     state, path = train.latest_checkpoint(run)
     assert path.name == "step_00000002.pt" and state["step"] == 2
-    assert "step_00000004.pt" in capsys.readouterr().err
-    assert train.main(["--out", str(run), "--resume", "--data", "x", "--workers", "0", "--iters", "6"]) == 0
-    assert "resuming from" in capsys.readouterr().out
-    assert torch.load(train.checkpoints(run)[-1], weights_only=True)["step"] == 6
+    err = capsys.readouterr().err
+    assert "step_00000006.pt: empty file" in err and "step_00000004.pt: corrupt or truncated" in err
+    assert train.main(["--out", str(run), "--resume", "--workers", "0", "--iters", "7"]) == 0
+    out, err = capsys.readouterr()
+    assert "resuming from" in out and "step 2" in out and ".step_00000008.pt.x7f3k2.tmp" in err
+    assert not partial.exists()
+    assert torch.load(train.checkpoints(run)[-1], weights_only=True)["step"] == 7
+    text = tmp_path / "notes.pt"                                                 # a text file passed as a bank
+    text.write_text("these are my notes, not a checkpoint\n" * 10)
+    assert train.main(glean_args(images, text, tmp_path / "r2", "--iters", "1")) == 2
+    err = capsys.readouterr().err
+    assert "notes.pt: corrupt or truncated checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_takes_new_schedule_and_refuses_other_changes(images, bank32, tmp_path, capsys):
+    """--resume needs no --data; --lr / --iters / a moved --data take effect with a notice; others are refused."""
+    run = tmp_path / "run"
+    assert train.main(glean_args(images, bank32, run, "--iters", "3", "--lr-period", "10")) == 0
+    capsys.readouterr()
+    for extra, flags in ((["--batch", "4"], "--batch"), (["--seed", "1", "--gan-weight", "0"], "--seed, --gan-weight"),
+                         (["--iters", "3"], "already at step 3")):
+        assert train.main(["--out", str(run), "--resume", *extra]) == 2
+        err = capsys.readouterr().err
+        assert flags in err and len(err.strip().splitlines()) == 1, err
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for p in images.iterdir():
+        (moved / p.name).write_bytes(p.read_bytes())
+    assert train.main(["--out", str(run), "--resume", "--lr", "5e-5", "--iters", "5", "--data", str(moved),
+                       "--batch", "2", "--workers", "0"]) == 0                  # --batch unchanged: accepted
+    out, err = capsys.readouterr()
+    assert "--lr 5e-05 (was 0.0001)" in out and f"--data {moved}" in out and "--iters 5 (was 3)" in out
+    assert "not those the run started with" not in err                          # the same images, moved
+    lr = {s: r["lr"] for s, r in metrics(run).items()}
+    cfg = train.TrainConfig()
+    for t in (4, 5):                                                            # the new cosine from step 3 on
+        assert lr[t] == pytest.approx(cfg.min_lr + (5e-5 - cfg.min_lr) * (1 + math.cos(math.pi * t / 10)) / 2)
+    assert lr[3] == pytest.approx(cfg.min_lr + (1e-4 - cfg.min_lr) * (1 + math.cos(math.pi * 3 / 10)) / 2)
 
 
 def test_nonfinite_loss_stops_with_debug_state(images, bank32, tmp_path, capsys):
@@ -190,15 +277,65 @@ def test_nonfinite_loss_stops_with_debug_state(images, bank32, tmp_path, capsys)
     assert debug and {"lr", "hr", "model", "losses"} <= set(torch.load(debug[0], weights_only=True))
 
 
-def test_two_process_torchrun_gives_identical_weights(images, bank32, tmp_path):
+def test_check_finite_copies_nothing_for_finite_losses(tmp_path):
+    env, calls = train.Env(0, 1, torch.device("cpu")), []
+    debug = lambda: calls.append(1) or {"x": torch.zeros(1)}                      # noqa: E731
+    train.check_finite({"loss/g": 0.5, "loss/d": 1.0}, env, tmp_path, 1, debug)
+    assert calls == [] and not list(tmp_path.iterdir())
+    with pytest.raises(RuntimeError, match="--resume --lr"):
+        train.check_finite({"loss/g": float("nan")}, env, tmp_path, 2, debug)
+    assert calls == [1] and (tmp_path / "nonfinite_step_00000002_rank0.pt").exists()
+
+
+# The multi-process runs below all train the same model as this one: 1 process, global batch 4 in 2 micro-batches
+# of 2 (each process of a 2-process run takes one micro-batch of 2: the same images, the same discriminator groups).
+REFERENCE = ["--iters", "10", "--lr-period", "1000", "--batch", "4", "--ckpt-every", "100"]
+
+
+@pytest.fixture(scope="module")
+def reference(images, bank32, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("reference") / "run"
+    assert train.main(glean_args(images, bank32, run, *REFERENCE, "--accum", "2")) == 0
+    return run
+
+
+def torchrun(launcher: list, *args) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "train.py"), *args]
+
+
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_two_process_torchrun_gives_identical_weights(images, bank32, reference, tmp_path):
+    """Started on 1 process, resumed on 2 (a notice, no IndexError): the reference run, with losses logged over the
+    whole global batch."""
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port", "29533",
-           str(ROOT / "train.py"), *glean_args(images, bank32, run, "--iters", "3")]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert train.main(glean_args(images, bank32, run, *REFERENCE, "--accum", "2", "--iters", "4")) == 0
+    p = subprocess.run(torchrun(["--nproc-per-node=2", "--master-port=29533"], "--out", str(run), "--resume",
+                                "--iters", "10", "--accum", "1"),
+                       capture_output=True, text=True, cwd=ROOT, env=TORCHRUN_ENV, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "weights identical on all 2 processes" in p.stdout
-    assert torch.load(train.checkpoints(run)[-1], weights_only=True)["step"] == 3
+    assert "2 process(es) instead of 1" in p.stdout and "weights identical on all 2 processes" in p.stdout
+    same_run(reference, run, 10)
+
+
+def test_sigterm_under_torchrun_with_workers_then_resume_on_one_process(images, bank32, reference, tmp_path):
+    """torchrun signals each process's group, DataLoader workers included: every process saves and exits 0 (no
+    "DataLoader worker is killed"); the run resumes on 1 process (notice) and ends as the reference."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(torchrun(["--nproc-per-node=2", "--master-port=29534"],
+                                     *glean_args(images, bank32, run, *REFERENCE, "--iters", "1000", "--workers", "1")),
+                            cwd=ROOT, env=TORCHRUN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_rows(run, 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)                                     # as a batch scheduler does
+    out, err = proc.communicate(timeout=120)
+    assert "stopped at step" in out and "weights identical on all 2 processes" in out, err[-3000:]
+    assert err.count("received SIGTERM") == 2 and "killed by signal" not in err
+    k = torch.load(train.checkpoints(run)[-1], weights_only=True)["step"]
+    assert 2 <= k < 10, "interrupt came too late to compare with the reference"
+    assert train.main(["--out", str(run), "--resume", "--iters", "10", "--accum", "2", "--workers", "0"]) == 0
+    same_run(reference, run, 10)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -411,7 +548,7 @@ def test_resume_with_more_iters_stretches_the_cosine():
         opt.step(), sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(cfg.min_lr)
     cfg.iters = 40
-    train.stretch_schedule(sched, opt, cfg)
+    train.follow_schedule(sched, opt, cfg)
     expected = [cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t / 40)) / 2 for t in range(10, 41)]
     got = [opt.param_groups[0]["lr"]]
     for _ in range(30):
@@ -438,7 +575,7 @@ def test_crop_box_and_its_jitter(images):
         train.SRDataset(images, 32, crop=(10, 0, 40))
 
 
-def test_init_fine_tunes_from_a_trained_glean(images, bank32, tmp_path):
+def test_init_fine_tunes_from_a_trained_glean(images, bank32, tmp_path, capsys):
     """--init starts from a trained GLEAN's weights, config and bank (lr 0 keeps them exactly); errors are clear."""
     first = tmp_path / "first"
     assert train.main(glean_args(images, bank32, first, "--iters", "1")) == 0
@@ -457,5 +594,227 @@ def test_init_fine_tunes_from_a_trained_glean(images, bank32, tmp_path):
                            (["--crop", "0", "0", "99", "--workers", "1"], "does not fit in im00"),
                            (["--crop", "0", "-1", "20"], "LEFT, TOP >= 0"),
                            (["--crop-jitter", "-0.1"], "0 <= it < 0.5")):
-        p = run_cli([*base[:-1], str(tmp_path / "bad"), *extra])
-        assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        capsys.readouterr()                                   # in-process: the same main() and one-line errors
+        assert train.main([*base[:-1], str(tmp_path / "bad"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recipe (Appendix A and the official configs), and what the command line accepts
+
+
+def test_presets_follow_appendix_a_and_the_official_configs(tmp_path):
+    for d in ("ffhq/images", "cat_train/GT"):
+        (tmp_path / d).mkdir(parents=True)
+    expect = {("ffhq", 16): (8, False), ("ffhq", 8): (8, True), ("cat", 8): (16, False), ("cat", 16): (16, False)}
+    for (name, scale), (batch, norm_img) in expect.items():
+        cfg, given = train.parse_args(["--data", name, "--scale", str(scale), "--data-root", str(tmp_path)])
+        cfg = train.resolve(cfg, given)
+        assert (cfg.batch, cfg.percep_norm_img, cfg.lr_period, cfg.lr, cfg.min_lr, cfg.iters, cfg.betas) == \
+            (batch, norm_img, 0, 1e-4, 1e-7, 300_000, (0.9, 0.99)), (name, scale)
+    cfg, given = train.parse_args(["--data", "ffhq", "--scale", "16", "--data-root", str(tmp_path), "--batch", "16",
+                                   "--lr-period", "600000", "--percep-norm-img"])
+    cfg = train.resolve(cfg, given)                                          # flags win over the preset
+    assert (cfg.batch, cfg.lr_period, cfg.percep_norm_img) == (16, 600_000, True)
+    # the schedules (here 1000x shorter): the released models' configs anneal over the whole run down to 1e-7,
+    # mmagic 1.x's base config (T_max 600k over 300k steps) ends half way down, at ~5e-5
+    for period, end in ((0, 1e-7), (600, (1e-4 + 1e-7) / 2)):
+        cfg = train.TrainConfig(iters=300, lr_period=period)
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.Adam([p], lr=cfg.lr)
+        sched = train.cosine(opt, cfg)
+        for _ in range(cfg.iters):
+            opt.step(), sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(end), period
+
+
+@pytest.mark.parametrize("norm_img", [False, True])
+def test_perceptual_loss_is_conv4_3_and_normalises_as_the_official_option(tmp_path, norm_img):
+    """VGG16 conv4_3 (features[21], the official layer '21', before its ReLU) of ImageNet-normalised images, written
+    out by hand: 13 layers of conv 3x3 + ReLU with max-pools after blocks 1-3."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    sd = {f"features.{k}": v for k, v in torchvision_vgg_features().items()}
+    torch.save(sd, tmp_path / "vgg.pt")
+    loss = train.PerceptualLoss(str(tmp_path / "vgg.pt"), norm_img=norm_img)
+
+    def f(t):
+        t = (t + 1) / 2 if norm_img else t
+        t = (t - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+            1, 3, 1, 1)
+        for block in ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21)):          # conv1_1 .. conv4_3
+            for i in block:
+                t = F.conv2d(t, sd[f"features.{i}.weight"], sd[f"features.{i}.bias"], padding=1)
+                if i != 21:
+                    t = F.relu(t)
+            if i != 21:
+                t = F.max_pool2d(t, 2)
+        return t
+
+    y_hat, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    expected = ((f(y_hat) - f(y)) ** 2).mean()
+    torch.testing.assert_close(loss(y_hat, y), expected, rtol=1e-4, atol=1e-6)
+    assert loss.f[21].out_channels == 512 and sum(isinstance(m, torch.nn.Conv2d) for m in loss.f) == 10
+
+
+def test_global_batch_is_the_same_images_for_any_split(images):
+    """--batch B: each optimizer step sees the same B images however they are split over processes and --accum."""
+    def step_images(world, accum, steps=5, B=4):
+        b = B // (world * accum)
+        streams = [iter(train.BatchStream(7, b, r, world, seed=2, start_micro=0)) for r in range(world)]
+        return [sorted(i for _ in range(accum) for s in streams for i in next(s)) for _ in range(steps)]
+    assert step_images(1, 1) == step_images(2, 1) == step_images(1, 2) == step_images(2, 2) == step_images(4, 1)
+    cfg = train.TrainConfig(batch=8, accum=2)
+    assert train.micro_batch(cfg, train.Env(0, 2, torch.device("cpu"))) == 2
+    assert [train.mbstd_group(n) for n in (1, 2, 3, 4, 5, 6, 8, 12)] == [1, 2, 3, 4, 1, 3, 4, 4]
+
+
+def test_odd_batch_trains_and_the_model_init_is_glean_py_s(images, bank32, tmp_path):
+    """--batch 6 (minibatch-stddev groups of 3) trains; train.py builds GLEAN exactly as glean.py initialises it."""
+    run = tmp_path / "run"
+    assert train.main(glean_args(images, bank32, run, "--iters", "1", "--batch", "6")) == 0
+    cfg = train.TrainConfig(out_size=32, scale=4, model=TINY_GLEAN, seed=5)
+    torch.manual_seed(cfg.seed)
+    built = train.build_glean(cfg)
+    torch.manual_seed(cfg.seed)
+    plain = glean.GLEAN(glean.GLEANConfig(in_size=8, out_size=32, **TINY_GLEAN))
+    for (k, a), b in zip(built.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+BAD_VALUES = [(["--batch", "0"], "--batch must be at least 1, got 0"),
+              (["--batch", "-1"], "--batch must be at least 1"),
+              (["--batch", "3", "--accum", "2"], "--batch is the global batch"),
+              (["--ckpt-every", "0"], "--ckpt-every must be at least 1"),
+              (["--log-every", "0"], "--log-every must be at least 1"),
+              (["--accum", "0"], "--accum must be at least 1"),
+              (["--workers", "-1"], "--workers must be at least 0"),
+              (["--lr", "-1"], "--lr must be a number >= 0"),
+              (["--lr", "nan"], "--lr must be a number >= 0"),
+              (["--iters", "0"], "--iters must be at least 1"),
+              (["--iters", "-5"], "--iters must be at least 1"),
+              (["--scale", "3"], "--scale must be 4, 8, 16, 32 or 64"),
+              (["--scale", "8"], "--scale leaves inputs of 4 px"),
+              (["--out-size", "48"], "--out-size must be a power of two"),
+              (["--lr-period", "5"], "--lr-period must be 0 (= --iters) or at least --iters"),
+              (["--betas", "0.9", "1.5"], "--betas must lie in [0, 1)"),
+              (["--mixing", "2"], "--mixing is a probability"),
+              (["--model", '{"nope": 1}'], "--model: unknown GLEANConfig fields"),
+              (["--fig7", "16"], "--model: fuse_encoder_up_to must be 0 or a power of two")]
+
+
+@pytest.mark.parametrize("extra,message", BAD_VALUES)
+def test_bad_values_fail_before_anything_is_built(images, tmp_path, capsys, extra, message):
+    run = tmp_path / "run"
+    args = glean_args(images, tmp_path / "no-bank-needed-yet.pt", run, "--iters", "10", *extra)
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not run.exists()                                                    # nothing written
+
+
+def test_bad_flag_types_are_one_line(images, tmp_path, capsys):
+    for extra in (["--batch", "abc"], ["--model", "{not json"], ["--stage", "gan"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(glean_args(images, tmp_path / "bank.pt", tmp_path / "run", *extra))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and extra[0] in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_every_option_has_help_with_its_default():
+    for action in train.build_parser()._actions:
+        if action.dest != "help":
+            assert action.help and "default" in action.help, action.option_strings
+
+
+def test_discriminator_comes_from_the_bank_or_init_file(images, bank32, tmp_path, capsys):
+    """A bank file of --stage bank carries its discriminator; GLEAN training starts D from it (lr 0 keeps it), and
+    --init from a training checkpoint takes that run's D. Each run says where D came from."""
+    bank_file = glean_io_load(bank32)
+    d_bank = {k[len("discriminator."):]: v for k, v in bank_file["state_dict"].items()
+              if k.startswith("discriminator.")}
+    assert d_bank and json.loads(bank_file["metadata"]["discriminator_config"])["in_size"] == 32
+    run = tmp_path / "run"
+    assert train.main(glean_args(images, bank32, run, "--iters", "1", "--lr", "0", "--min-lr", "0")) == 0
+    assert f"discriminator: from {bank32}" in capsys.readouterr().out
+    d_run = torch.load(train.checkpoints(run)[-1], weights_only=True)["discriminator"]
+    assert d_run.keys() == d_bank.keys() and all(torch.equal(d_run[k], d_bank[k]) for k in d_bank)
+    base = ["--data", str(images), "--batch", "2", "--workers", "0", "--percep-weight", "0", "--iters", "1",
+            "--no-tensorboard"]
+    ckpt = train.checkpoints(run)[-1]
+    assert train.main([*base, "--init", str(ckpt), "--out", str(tmp_path / "a")]) == 0
+    assert f"discriminator: from {ckpt}" in capsys.readouterr().out
+    assert train.main([*base, "--init", str(run / "glean.safetensors"), "--out", str(tmp_path / "b")]) == 0
+    assert "discriminator: random init (" in capsys.readouterr().out
+    assert train.main([*base, "--init", str(run / "glean.safetensors"), "--disc", str(bank32), "--out",
+                       str(tmp_path / "c")]) == 0
+    assert f"discriminator: from {bank32}" in capsys.readouterr().out
+
+
+def glean_io_load(path):
+    import glean_io
+    return glean_io.load_file(path)
+
+
+def test_fig7_ablation_has_no_decoder(images, bank32, tmp_path):
+    """--fig7 RES: Section 5's Fig. 7 variant as the paper ran it, the bank producing the output directly."""
+    run = tmp_path / "run"
+    assert train.main(glean_args(images, bank32, run, "--iters", "1", "--fig7", "0")) == 0
+    model = glean.GLEAN.load(run / "glean.safetensors")
+    assert model.cfg.use_decoder is False and model.cfg.fuse_encoder_up_to == 0 and not hasattr(model, "decoder")
+    with pytest.raises(train.UserError, match="--fig7 sets use_decoder"):
+        train.parse_args(["--data", "x", "--fig7", "4", "--model", '{"use_decoder": true}'])
+
+
+def test_small_and_unreadable_images_are_reported_once(images, bank32, tmp_path, capfd):
+    """Images smaller than out_size: one notice with the count. A file that fails only when decoded (its header is
+    fine): named once, however many workers meet it. A folder with nothing readable: one line."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("im00.jpg", "im01.png", "im03.png"):
+        (data / name).write_bytes((images / name).read_bytes())
+    Image.new("RGB", (20, 24), (90, 20, 50)).save(data / "small.png")
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    noise.save(data / "cut.jpg", quality=95)
+    good = (data / "cut.jpg").read_bytes()
+    (data / "cut.jpg").write_bytes(good[: len(good) * 2 // 3])                 # header fine, pixels cut short
+    assert train.image_size(data / "cut.jpg") is not None
+    run = tmp_path / "run"
+    assert train.main(glean_args(data, bank32, run, "--iters", "8", "--workers", "2")) == 0
+    err = capfd.readouterr().err
+    assert "notice: 1 of 5 images" in err and "small.png" in err and "upscaled" in err
+    assert err.count("skipping unreadable image") == 1, err
+    assert "cut.jpg: not a readable image (image file is truncated" in err, err
+    empty = tmp_path / "unreadable"
+    empty.mkdir()
+    for i in range(3):
+        (empty / f"{i}.png").write_bytes(b"not a png")
+    assert train.main(glean_args(empty, bank32, tmp_path / "r2", "--iters", "1")) == 2
+    err = capfd.readouterr().err
+    assert "none of the 3 image files" in err and len(err.strip().splitlines()) == 1, err
+    for i in range(2):                                       # headers fine, nothing decodes: found in a worker
+        (empty / f"{i}.png").unlink()
+        (empty / f"{i}.jpg").write_bytes((data / "cut.jpg").read_bytes())
+    (empty / "2.png").unlink()
+    assert train.main(glean_args(empty, bank32, tmp_path / "r3", "--iters", "1", "--workers", "1")) == 2
+    err = capfd.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: no readable image among the 2 files"), err
+    assert "Traceback" not in err
+    # its workers are gone: they ignore SIGTERM, so multiprocessing's terminate() at exit could not end them
+    assert not multiprocessing.active_children()
+
+
+def test_two_nodes_with_c10d_rendezvous_equal_one_node(images, bank32, reference, tmp_path):
+    """Two torchrun launchers on localhost as two nodes of one process each (c10d rendezvous, gloo): the same
+    weights as one node with the same global batch."""
+    run = tmp_path / "run"
+    launcher = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:29535",
+                "--rdzv-id=glean-test"]
+    cmd = torchrun(launcher, *glean_args(images, bank32, run, *REFERENCE))
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=TORCHRUN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), [o[1][-2000:] for o in outs]
+    assert sum("weights identical on all 2 processes" in o[0] for o in outs) == 1
+    same_run(reference, run, 10)
