@@ -197,11 +197,38 @@ def resolve(cfg: TrainConfig, given: dict | None = None) -> TrainConfig:
                             f"drop --scale / --out-size or pass {scale} / {mcfg.out_size}")
         cfg.out_size, cfg.scale = mcfg.out_size, scale
         cfg.model = {k: v for k, v in asdict(mcfg).items() if k not in ("in_size", "out_size")}
+    if cfg.stage == "glean" and cfg.bank and not cfg.init:
+        take_bank_config(cfg)
     if not cfg.out_size:
         raise UserError("pass --out-size (the HR / bank resolution) for a custom data folder")
     if cfg.stage == "glean" and not cfg.scale:
         raise UserError("pass --scale (out_size / in_size: 4, 8, 16, 32 or 64)")
     return cfg
+
+
+BANK_FIELDS = ("style_channels", "num_mlps", "channel_multiplier", "channel_base", "lr_mlp", "blur_kernel")
+
+
+def take_bank_config(cfg: TrainConfig) -> None:
+    """GLEAN's bank fields (and out_size) from the --bank file itself: the registered entry's config, this project's
+    bank file's, or read off the tensors of any other StyleGAN2 file. A --model value or --out-size that contradicts
+    the file is a one-line error (it would only fail later, as a shape mismatch)."""
+    if cfg.bank in zoo.WEIGHTS:
+        bank = stylegan2.GeneratorConfig(**zoo.WEIGHTS[cfg.bank].config)
+    else:
+        sd, bank = stylegan2.generator_state(zoo.weights_file(cfg.bank))
+        bank = bank or stylegan2.infer_generator_config(sd)
+    if cfg.out_size and cfg.out_size != bank.out_size:
+        raise UserError(f"--bank {cfg.bank} is a {bank.out_size} px StyleGAN2, but --out-size is {cfg.out_size}: "
+                        f"pass --out-size {bank.out_size} (or drop it)")
+    cfg.out_size = bank.out_size
+    for name in BANK_FIELDS:
+        value, given = getattr(bank, name), cfg.model.get(name)
+        value = list(value) if isinstance(value, tuple) else value             # JSON-friendly, as --model gives it
+        if given is not None and (list(given) if isinstance(value, list) else given) != value:
+            raise UserError(f"--model {name}={cfg.model[name]} contradicts --bank {cfg.bank} ({name}={value}); "
+                            f"drop it from --model (the bank's own value is taken)")
+        cfg.model[name] = value
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -818,3 +818,28 @@ def test_two_nodes_with_c10d_rendezvous_equal_one_node(images, bank32, reference
     assert all(n.returncode == 0 for n in nodes), [o[1][-2000:] for o in outs]
     assert sum("weights identical on all 2 processes" in o[0] for o in outs) == 1
     same_run(reference, run, 10)
+
+
+def test_bank_file_sets_the_bank_fields_and_init_takes_official_files(images, bank32, tmp_path, capsys):
+    """--bank FILE: the bank's widths come from the file (no shape mismatch when --model leaves them out); a
+    contradicting --model value or --out-size is one line. --init takes an official release file by path."""
+    rrdb_only = {k: v for k, v in TINY_GLEAN.items() if k not in TINY_BANK}
+    args = ["--data", str(images), "--scale", "4", "--model", json.dumps(rrdb_only), "--bank", str(bank32),
+            "--percep-weight", "0", "--batch", "2", "--workers", "0", "--iters", "1", "--no-tensorboard"]
+    assert train.main(args + ["--out", str(tmp_path / "a")]) == 0                   # out_size 32 from the bank too
+    cfg = glean.GLEAN.load(tmp_path / "a" / "glean.safetensors").cfg
+    assert (cfg.out_size, cfg.style_channels, cfg.channel_base) == (32, 16, 16)
+    wrong = ["--model", json.dumps({**rrdb_only, "style_channels": 32})]
+    assert train.main(args + wrong + ["--out", str(tmp_path / "b")]) == 2
+    assert "--model style_channels=32 contradicts --bank" in capsys.readouterr().err
+    assert train.main(args + ["--out-size", "64", "--out", str(tmp_path / "c")]) == 2
+    assert "is a 32 px StyleGAN2, but --out-size is 64" in capsys.readouterr().err
+    data = tmp_path / "data64"
+    data.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    official = ROOT / "tests/data/golden_in16_out64_ckpt.pth"                        # an official release file
+    assert train.main(["--data", str(data), "--init", str(official), "--percep-weight", "0", "--gan-weight", "0",
+                       "--batch", "2", "--workers", "0", "--iters", "1", "--no-tensorboard",
+                       "--out", str(tmp_path / "d")]) == 0
+    assert glean.GLEAN.load(tmp_path / "d" / "glean.safetensors").cfg.in_size == 16
