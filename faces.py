@@ -488,16 +488,18 @@ def face_mask(shape, M, size: int, feather: float = 0.1) -> np.ndarray:
     return out
 
 
-def paste_back(background, face, M, *, feather: float = 0.1) -> np.ndarray:
+def paste_back(background, face, M, *, feather: float = 0.1, inplace: bool = False) -> np.ndarray:
     """Blend `face` [s, s, C] into `background` [H, W, C] (both float in [0, 1]), where M maps background
     coordinates to face coordinates (align's M, passed through `rescale` when the images were upscaled). Several
     faces: lists of faces and of transforms, pasted in order (one copy of the background).
 
     out = bg + m (face(M p) - bg) with the feathered mask m of `feather_mask`; pixels where m = 0 are the
     background's, exactly. Blended pixels are clipped to [0, 1]. A face denser than the background (M's scale > 1)
-    is first shrunk with antialiased bicubic. Returns a new array of the background's shape and float dtype.
+    is first shrunk with antialiased bicubic. Returns a new array of the background's shape and float dtype, or
+    with inplace=True the background itself (a float32 array), changed (no copy of a large picture).
     """
-    out = as_float_image(background).copy()
+    out = as_float_image(background)
+    out = out if inplace and out is background else out.copy()
     pairs = zip(face, M) if isinstance(face, (list, tuple)) else [(face, M)]
     for fc, m in pairs:
         _paste_into(out, as_float_image(fc), m, feather)

@@ -266,17 +266,17 @@ def restore_faces(model: glean.GLEAN, a: np.ndarray, *, outscale: float = 0, onl
         y = y if side == cfg.out_size else imresize(y, size=side).clamp(0, 1)   # the faces at the final scale
         out_faces = list(y.permute(0, 2, 3, 1).numpy())
     lap("glean")
-    background = imresize(rgb, scale=s).clamp(0, 1)                            # [3, H s, W s]
+    out = imresize(rgb, scale=s).clamp_(0, 1).permute(1, 2, 0).contiguous().numpy()   # [H s, W s, 3]
     lap("background")
-    out = faces.paste_back(background.permute(1, 2, 0).contiguous().numpy(), out_faces,
-                           [faces.rescale(M, s, s) for _, M in crops]) if crops else \
-        background.permute(1, 2, 0).contiguous().numpy()
+    if crops:
+        faces.paste_back(out, out_faces, [faces.rescale(M, s, s) for _, M in crops], inplace=True)
     lap("paste")
     if not found:
         notes.append(f"{name}: no face found; the whole image was upscaled with bicubic")
-    if alpha is not None:
-        alpha = imresize(alpha, scale=s).clamp(0, 1)
-    return merge(torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1), alpha, grey)
+    if alpha is None and not grey:
+        return out
+    alpha = imresize(alpha, scale=s).clamp(0, 1) if alpha is not None else None
+    return merge(torch.from_numpy(out).permute(2, 0, 1), alpha, grey)
 
 
 def as_arrays(image) -> tuple:

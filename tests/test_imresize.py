@@ -73,3 +73,15 @@ def test_output_size_and_errors():
         imresize(torch.zeros(3, 8, 8, dtype=torch.uint8), scale=0.5)
     with pytest.raises(ValueError, match="exactly one"):
         imresize(img)
+
+
+@pytest.mark.parametrize("shape,r", [((3, 9, 13), 2), ((2, 3, 16, 16), 4), ((3, 8, 8), 8), ((1, 100, 37), 3),
+                                     ((3, 24, 40), 8)])
+def test_integer_upscale_equals_the_dense_resize_matrices(shape, r):
+    """imresize by an integer factor runs as polyphase convolutions: the same numbers as the resize matrices."""
+    import images
+    x = torch.rand(shape, dtype=torch.float64)
+    H, W = shape[-2:]
+    dense = images.resize_matrix(H, H * r, float(r)) @ x @ images.resize_matrix(W, W * r, float(r)).T
+    torch.testing.assert_close(images.imresize(x, scale=r), dense, atol=1e-12, rtol=0)
+    torch.testing.assert_close(images.imresize(x.float(), size=(H * r, W * r)), dense.float(), atol=2e-6, rtol=0)
