@@ -215,6 +215,8 @@ def take_bank_config(cfg: TrainConfig) -> None:
     the file is a one-line error (it would only fail later, as a shape mismatch)."""
     if cfg.bank in zoo.WEIGHTS:
         bank = stylegan2.GeneratorConfig(**zoo.WEIGHTS[cfg.bank].config)
+    elif not Path(cfg.bank).is_file():
+        return                                  # reported when the bank is loaded, after the flags are checked
     else:
         sd, bank = stylegan2.generator_state(zoo.weights_file(cfg.bank))
         bank = bank or stylegan2.infer_generator_config(sd)
