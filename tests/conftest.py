@@ -22,6 +22,22 @@ def tiny_cfg(in_size=8, out_size=32, **kw) -> "glean.GLEANConfig":
     return glean.GLEANConfig(**base)
 
 
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A tiny GLEAN (8x8 -> 32x32, random weights, no face template) saved in this project's format."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    glean.GLEAN(tiny_cfg(8, 32)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_file):
+    """That model loaded as the tools load it (infer.load_model: the fast path, on the CPU)."""
+    import infer
+    return infer.load_model(str(model_file), "cpu")
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)

@@ -9,22 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import glean
-from conftest import ROOT, tiny_cfg
+from conftest import ROOT
 
 gr = pytest.importorskip("gradio")
 CHROMIUM = os.environ.get("GLEAN_CHROMIUM", "/usr/bin/chromium")
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    glean.GLEAN(tiny_cfg(8, 32)).save(path)
-    return path
 
 
 def test_import_is_light_and_handlers_work(model_file, tmp_path):

@@ -7,23 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-import glean
 import zoo
 import infer
-from conftest import tiny_cfg
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    glean.GLEAN(tiny_cfg(8, 32)).save(path)                    # 8x8 -> 32x32
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(model_file):
-    return infer.load_model(str(model_file), "cpu")
 
 
 def photo(h, w, seed=0) -> np.ndarray:

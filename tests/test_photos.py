@@ -16,7 +16,7 @@ from skimage import data  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def model():
+def model():                                       # the shipped face model (conftest.model is a tiny one)
     torch.manual_seed(0)
     return infer.load_model("glean_face_small_8x", "cpu")
 

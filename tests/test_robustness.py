@@ -23,19 +23,6 @@ from conftest import DATA, tiny_cfg
 from glean_io import CheckpointError
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    glean.GLEAN(tiny_cfg(8, 32)).save(path)                    # 8x8 -> 32x32
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(model_file):
-    return infer.load_model(str(model_file), "cpu")
-
-
 def picture(h, w, seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
