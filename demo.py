@@ -114,7 +114,7 @@ def save_png(image: Image.Image, stem: str) -> str:
 
 def bicubic_baseline(model: glean.GLEAN, a: np.ndarray) -> Image.Image:
     """What the model sees (cropped and resized to in_size), enlarged with MATLAB bicubic: the 'before'."""
-    rgb, _, _ = infer.split(a)
+    rgb, _, _ = images.split(a)
     lr, _ = infer.fit(rgb, model.cfg.in_size, strict=False, pad=False, notes=[])
     up = images.imresize(lr, size=model.cfg.out_size).clamp(0, 1)
     return Image.fromarray((up.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

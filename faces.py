@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import nms, roi_align
 
-from images import imresize, read_rgb
+from images import imresize, read_rgb, split
 from zoo import CELEBA_64, FFHQ, Weights, shipped_file
 from glean_io import load_file, load_state_strict, save_file
 
@@ -82,14 +82,12 @@ def as_float_image(image) -> np.ndarray:
 
 
 def rgb_planes(image) -> torch.Tensor:
-    """An image [H, W, C] with C = 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA) -> RGB [3, H, W] float32 in
-    [0, 1]; grey is repeated, alpha dropped."""
+    """An image [H, W, C] (C = 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA; uint8, uint16 or float) -> RGB [3, H, W]
+    float32 in [0, 1]; grey is repeated, alpha dropped."""
     a = as_float_image(image)
-    C = a.shape[2]
-    if C not in (1, 2, 3, 4):
-        raise ValueError(f"expected 1-4 channels (grey, grey+alpha, RGB, RGBA), got {C}")
-    t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)        # [C, H, W]
-    return t[:1].expand(3, -1, -1).contiguous() if C in (1, 2) else t[:3].contiguous()
+    if a.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"expected 1-4 channels (grey, grey+alpha, RGB, RGBA), got {a.shape[2]}")
+    return split(a)[0].contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------

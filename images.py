@@ -258,11 +258,26 @@ def example_image(name: str) -> Image.Image:
     return Image.fromarray(a)
 
 
+def split(a: np.ndarray) -> tuple:
+    """[H, W, C] -> (RGB planes [3, H, W], alpha [1, H, W] or None, grey?)."""
+    t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
+    C = t.shape[0]
+    rgb = t[:1].expand(3, -1, -1) if C in (1, 2) else t[:3]
+    alpha = t[C - 1:] if C in (2, 4) else None
+    return rgb, alpha, C in (1, 2)
+
+
+def merge(rgb: torch.Tensor, alpha, grey: bool) -> np.ndarray:
+    """Inverse of split: greyscale outputs are converted back with ITU-R 601 luma, alpha re-attached."""
+    planes = [(0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])[None] if grey else rgb]
+    if alpha is not None:
+        planes.append(alpha)
+    return torch.cat(planes).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
 def read_rgb(path) -> torch.Tensor:
     """An image file as float RGB [3, H, W] in [0, 1] (EXIF orientation applied; grey repeated, alpha dropped)."""
-    a, _ = read_image(path)
-    t = torch.from_numpy(a).permute(2, 0, 1)                                # [C, H, W]
-    return (t[:1].expand(3, -1, -1) if t.shape[0] in (1, 2) else t[:3]).contiguous()
+    return split(read_image(path)[0])[0].contiguous()
 
 
 def list_images(folder) -> list:

@@ -27,8 +27,8 @@ import faces
 import glean
 import zoo
 from glean_io import CheckpointError, atomic_write
-from images import (IMAGE_EXTS, MAX_PIXELS, InputError, example_image, from_pil, imresize, read_image, to_pil,
-                    write_format, write_image)
+from images import (IMAGE_EXTS, MAX_PIXELS, InputError, example_image, from_pil, imresize, merge, read_image,
+                    split, to_pil, write_format, write_image)
 
 # ----------------------------------------------------------------------------------------------------------
 # Upscaling
@@ -73,23 +73,6 @@ def run_model(model: glean.GLEAN, rgb: torch.Tensor) -> torch.Tensor:
     p = next(model.parameters())
     x = (rgb * 2 - 1).to(p.device, p.dtype)
     return ((model(x).float().clamp(-1, 1) + 1) / 2).cpu()
-
-
-def split(a: np.ndarray) -> tuple:
-    """[H, W, C] -> (RGB planes [3, H, W], alpha [1, H, W] or None, grey?)."""
-    t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
-    C = t.shape[0]
-    rgb = t[:1].expand(3, -1, -1) if C in (1, 2) else t[:3]
-    alpha = t[C - 1:] if C in (2, 4) else None
-    return rgb, alpha, C in (1, 2)
-
-
-def merge(rgb: torch.Tensor, alpha, grey: bool) -> np.ndarray:
-    """Inverse of split: greyscale outputs are converted back with ITU-R 601 luma, alpha re-attached."""
-    planes = [(0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])[None] if grey else rgb]
-    if alpha is not None:
-        planes.append(alpha)
-    return torch.cat(planes).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 def face_template(model: glean.GLEAN) -> np.ndarray | None:
