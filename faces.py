@@ -553,6 +553,31 @@ def measure_template(detector: Detector, images, box: tuple, size: int = 256):
     return found.mean(0), found.std(0), len(found)
 
 
+def align_folder(src, dst, template, size: int, detector: Detector | None = None) -> tuple:
+    """Training data framed like a model's inputs: every photo of `src` (images.list_images) with its largest face
+    aligned to `template` at size x size, written as PNG to `dst` (same relative names). Small photos are searched
+    enlarged to 256 px (MTCNN's smallest face is 12 px); the crop is cut from the photo itself. Returns (written,
+    photos without a face)."""
+    from images import list_images, write_image
+    detector = detector or load_detector()
+    src, dst = Path(src), Path(dst)
+    written, missed = 0, []
+    for f in list_images(src):
+        a = read_rgb(f)                                                           # [3, H, W]
+        r = max(1.0, 256 / min(a.shape[1:]))
+        found = detector.detect(imresize(a, scale=r).clamp(0, 1).permute(1, 2, 0).numpy() if r > 1 else
+                                a.permute(1, 2, 0).numpy())
+        if not found:
+            missed.append(f)
+            continue
+        crop, _ = align(a.permute(1, 2, 0).numpy(), found[0].landmarks / r, template, size)
+        out = (dst / f.relative_to(src)).with_suffix(".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_image(crop, out)
+        written += 1
+    return written, missed
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Weights conversion (facenet-pytorch's three state dicts -> one safetensors file)
 
@@ -678,6 +703,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--convert", metavar="DIR", help="rebuild weights/mtcnn.safetensors from facenet_pytorch/data")
     ap.add_argument("--out", help="output file of --convert")
+    ap.add_argument("--align", nargs=2, metavar=("SRC", "DST"), help="write the photos of SRC with their largest face "
+                    "aligned to --model's framing at its output size into DST (training data, see train.py)")
+    ap.add_argument("--model", default="glean_face_small_8x", help="the face model whose framing --align uses")
     ap.add_argument("--measure-template", metavar="DIR", help="CelebA 89x109 folder: the shipped model's template")
     ap.add_argument("--box", type=int, nargs=3, default=(8, 23, 73), metavar=("LEFT", "TOP", "SIDE"),
                     help="crop box of --measure-template (default: the shipped model's, in CelebA's 89x109 photos)")
@@ -692,6 +720,14 @@ def main(argv=None) -> int:
     np.set_printoptions(precision=4, suppress=True)
     if args.convert:
         print(convert(args.convert, args.out))
+    if args.align:
+        import zoo
+        w = zoo.WEIGHTS[args.model]
+        if not w.template:
+            print(f"error: {args.model} declares no face template", file=sys.stderr)
+            return 2
+        n, missed = align_folder(*args.align, np.asarray(w.template), w.config["out_size"])
+        print(f"{n} aligned crops of {w.config['out_size']} px written to {args.align[1]}; no face in {len(missed)}")
     if args.measure_template:
         files = sorted(p for p in Path(args.measure_template).iterdir() if p.suffix in (".png", ".jpg"))
         files = files[:args.count]

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import faces
 import images
@@ -356,3 +357,19 @@ def test_detection_rates_and_the_dlib_comparison(tmp_path, astronaut):
         x0, y0, x1, y1 = found[0].box
         nose = ASTRONAUT_LM[2] - [HEAD_X, 0]
         assert x0 < nose[0] < x1 and y0 < nose[1] < y1 and found[0].landmarks.shape == (5, 2)
+
+
+def test_align_folder_writes_framed_crops(tmp_path):
+    """faces.py --align: training photos framed like the model's inputs (their largest face on the template)."""
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(data.astronaut()).save(src / "sub" / "astro.jpg")
+    Image.fromarray(data.coffee()[::4, ::4]).save(src / "coffee.png")             # no face
+    n, missed = faces.align_folder(src, tmp_path / "out", faces.GLEAN_FACE_SMALL_TEMPLATE, 64)
+    assert n == 1 and [m.name for m in missed] == ["coffee.png"]
+    crop = np.asarray(Image.open(tmp_path / "out" / "sub" / "astro.png"), np.float32) / 255
+    assert crop.shape == (64, 64, 3)
+    found = faces.load_detector().detect(images.imresize(torch.from_numpy(crop).permute(2, 0, 1), size=256)
+                                         .clamp(0, 1).permute(1, 2, 0).numpy())
+    lm = found[0].landmarks / 256                                                  # where the face landed
+    assert np.abs(lm - faces.GLEAN_FACE_SMALL_TEMPLATE).max() < 0.05
