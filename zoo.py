@@ -24,10 +24,11 @@ from glean_io import CheckpointError, download, load_file, sha256_of
 FFHQ = tuple(((x + 0.5) / 512, (y + 0.5) / 512) for x, y in (
     (192.98138, 239.94708), (318.90277, 240.19360), (256.63416, 314.01935), (201.26117, 371.41043),
     (313.08905, 371.15118)))
-# The framing glean_face_small_8x was fine-tuned on: CelebA 89x109 photos cropped at the box (left 8, top 23,
-# side 73) (+-5% jitter), resized to 64. Mean MTCNN landmarks of the first 2000 such crops (1996 with a face; spread
-# 0.010-0.043 per coordinate, largest for the nose), measured with
-# `python faces.py --measure-template ../shared/data/celeba_89x109/images --box 8 23 73`; no crop is stored.
+# The framing of glean_face_small_8x: measured on the crops it was first fine-tuned on (CelebA 89x109 photos cut at
+# the box (left 8, top 23, side 73), +-5% jitter, resized to 64) as the mean MTCNN landmarks of the first 2000
+# (1996 with a face; spread 0.010-0.043 per coordinate, largest for the nose), with
+# `python faces.py --measure-template ../shared/data/celeba_89x109/images --box 8 23 73`; its last fine-tuning then
+# used photos aligned to exactly this template (`faces.py --align`, weights/MODEL_CARD.md). No crop is stored.
 CELEBA_64 = ((0.3660, 0.4493), (0.6318, 0.4487), (0.4939, 0.6123), (0.3789, 0.7325), (0.6171, 0.7318))
 
 
@@ -51,9 +52,10 @@ _CELEBA = ("weights: Apache-2.0 (this project); data: CelebA ids 1-10000, non-co
            "(CelebA terms); see weights/MODEL_CARD.md")
 WEIGHTS = {
     "glean_face_small_8x": Weights(
-        "weights/glean_face_small_8x.safetensors", "1ed45f55", "glean",
+        "weights/glean_face_small_8x.safetensors", "a3e41255", "glean",
         dict(in_size=8, out_size=64, rrdb_channels=64, num_rrdbs=3, rrdb_growth_channels=32, decoder_channels=64,
-             **_SMALL), "faces (CelebA, 64x64 crops framed like LFW's: face ~60% of the width)", _CELEBA,
+             **_SMALL), "faces (CelebA, 64x64, aligned to its template by MTCNN landmarks: face ~60% of the width)",
+        _CELEBA,
         note="this project's small GLEAN, 8x (8 -> 64), trained on a 2-core CPU; ships with the code, works offline",
         template=CELEBA_64),
     "glean_face_16x": Weights(
