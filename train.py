@@ -142,6 +142,10 @@ class UserError(Exception):
     """A problem the user can fix (missing data or weights, bad flags): reported in one line, exit code 2."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """A NaN/inf loss stopped the run (its debug state is saved): reported in one line, exit code 1."""
+
+
 def preset_folder(name: str, scale: int, data_root: str) -> tuple:
     """(preset dict, data root, HR folder) of a preset name; a one-line error for a wrong scale or missing data."""
     if (name, scale) not in PRESETS:
@@ -788,10 +792,10 @@ def check_finite(losses: dict, env: Env, run: Path, step: int, debug) -> None:
     if not ok:
         save_file({"step": step, "losses": {k: float(v) for k, v in losses.items()}, **debug()}, path)
     values = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-    raise RuntimeError(f"non-finite loss at step {step} ({values}); "
-                       f"the models and the batch are saved in {run}/nonfinite_step_{step:08d}_rank*.pt. "
-                       f"Resume from the last checkpoint with a lower learning rate (python train.py --out {run} "
-                       f"--resume --lr LR), or check the data")
+    raise NonFiniteLoss(f"non-finite loss at step {step} ({values}); "
+                        f"the models and the batch are saved in {run}/nonfinite_step_{step:08d}_rank*.pt. "
+                        f"Resume from the last checkpoint with a lower learning rate (python train.py --out {run} "
+                        f"--resume --lr LR), or check the data")
 
 
 def same_everywhere(env: Env, *modules: nn.Module) -> None:
@@ -1428,6 +1432,10 @@ def main(argv=None) -> int:
     except (UserError, CheckpointError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:                      # every process stops; the message covers all their files
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

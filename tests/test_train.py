@@ -271,8 +271,11 @@ def test_resume_takes_new_schedule_and_refuses_other_changes(images, bank32, tmp
 
 def test_nonfinite_loss_stops_with_debug_state(images, bank32, tmp_path, capsys):
     run = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="non-finite loss at step"):
-        train.main(glean_args(images, bank32, run, "--iters", "30", "--lr", "1e30", "--min-lr", "1e30"))
+    assert train.main(glean_args(images, bank32, run, "--iters", "30", "--lr", "1e30", "--min-lr", "1e30")) == 1
+    stderr = capsys.readouterr().err                                            # progress lines, then one error
+    err = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and err[0].startswith("error: non-finite loss at step") and "--resume --lr" in err[0]
+    assert "Traceback" not in stderr
     debug = list(run.glob("nonfinite_step_*.pt"))
     assert debug and {"lr", "hr", "model", "losses"} <= set(torch.load(debug[0], weights_only=True))
 
@@ -282,7 +285,7 @@ def test_check_finite_copies_nothing_for_finite_losses(tmp_path):
     debug = lambda: calls.append(1) or {"x": torch.zeros(1)}                      # noqa: E731
     train.check_finite({"loss/g": 0.5, "loss/d": 1.0}, env, tmp_path, 1, debug)
     assert calls == [] and not list(tmp_path.iterdir())
-    with pytest.raises(RuntimeError, match="--resume --lr"):
+    with pytest.raises(train.NonFiniteLoss, match="--resume --lr"):
         train.check_finite({"loss/g": float("nan")}, env, tmp_path, 2, debug)
     assert calls == [1] and (tmp_path / "nonfinite_step_00000002_rank0.pt").exists()
 
