@@ -115,16 +115,25 @@ _UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSErr
                AttributeError, UnicodeDecodeError, zipfile.BadZipFile, struct.error)
 
 
+def _is_torchscript(path) -> bool:
+    """A TorchScript archive (torch.jit.save) is a zip like a checkpoint, plus its compiled code and constants."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("/constants.pkl") for name in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False                                # torch.load reports the damage
+
+
 def torch_load(path, map_location="cpu"):
     """torch.load with weights_only=True; if refused for a non-tensor object, load with RestrictedUnpickler.
     A file that is no checkpoint at all is a CheckpointError naming it."""
     mmap = zipfile.is_zipfile(path)  # zip-format files map their tensors instead of reading them into memory
+    if mmap and _is_torchscript(path):              # torch.load would warn, then suggest weights_only=False: never
+        raise CheckpointError(f"{path} is a TorchScript archive (a compiled model), not a checkpoint of weights: "
+                              f"save the model's state_dict() instead")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except _UNREADABLE as e:
-        if "TorchScript" in str(e):                 # torch's own message would suggest weights_only=False: never
-            raise CheckpointError(f"{path} is a TorchScript archive (a compiled model), not a checkpoint of weights: "
-                                  f"save the model's state_dict() instead") from None
         if not (isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)):
             raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_why(e)}); re-download or re-export "
                                   f"it") from e
