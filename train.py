@@ -1433,7 +1433,7 @@ def main(argv=None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:                      # every process stops; the message covers all their files
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
