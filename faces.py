@@ -553,14 +553,22 @@ def measure_template(detector: Detector, images, box: tuple, size: int = 256):
     return found.mean(0), found.std(0), len(found)
 
 
-def align_folder(src, dst, template, size: int, detector: Detector | None = None) -> tuple:
+def with_margin(template, size: int, margin: int) -> np.ndarray:
+    """The template of a crop `margin` px wider on every side: a size x size crop framed by `template` is the centre
+    of the (size + 2 margin) crop framed by the result (training crops with room for --crop-jitter)."""
+    return (np.asarray(template, np.float64) * size + margin) / (size + 2 * margin)
+
+
+def align_folder(src, dst, template, size: int, detector: Detector | None = None, margin: int = 0) -> tuple:
     """Training data framed like a model's inputs: every photo of `src` (images.list_images) with its largest face
-    aligned to `template` at size x size, written as PNG to `dst` (same relative names). Small photos are searched
-    enlarged to 256 px (MTCNN's smallest face is 12 px); the crop is cut from the photo itself. Returns (written,
-    photos without a face)."""
+    aligned to `template` at size x size, written as PNG to `dst` (same relative names); with `margin`, a crop that
+    much wider on every side, the size x size frame at its centre. Small photos are searched enlarged to 256 px
+    (MTCNN's smallest face is 12 px); the crop is cut from the photo itself. Returns (written, photos without a
+    face)."""
     from images import list_images, write_image
     detector = detector or load_detector()
     src, dst = Path(src), Path(dst)
+    template, side = with_margin(template, size, margin), size + 2 * margin
     written, missed = 0, []
     for f in list_images(src):
         a = read_rgb(f)                                                           # [3, H, W]
@@ -570,7 +578,7 @@ def align_folder(src, dst, template, size: int, detector: Detector | None = None
         if not found:
             missed.append(f)
             continue
-        crop, _ = align(a.permute(1, 2, 0).numpy(), found[0].landmarks / r, template, size)
+        crop, _ = align(a.permute(1, 2, 0).numpy(), found[0].landmarks / r, template, side)
         out = (dst / f.relative_to(src)).with_suffix(".png")
         out.parent.mkdir(parents=True, exist_ok=True)
         write_image(crop, out)
@@ -706,6 +714,11 @@ def main(argv=None) -> int:
     ap.add_argument("--align", nargs=2, metavar=("SRC", "DST"), help="write the photos of SRC with their largest face "
                     "aligned to --model's framing at its output size into DST (training data, see train.py)")
     ap.add_argument("--model", default="glean_face_small_8x", help="the face model whose framing --align uses")
+    ap.add_argument("--template", help="--align: a template by name (ffhq, celeba_64, tight: zoo.TEMPLATES) and "
+                    "--size, instead of --model's")
+    ap.add_argument("--size", type=int, help="--align: crop size (default: --model's output size)")
+    ap.add_argument("--margin", type=int, default=0, help="--align: px added on every side around the framed crop "
+                    "(room for train.py --crop-jitter; default 0)")
     ap.add_argument("--measure-template", metavar="DIR", help="CelebA 89x109 folder: the shipped model's template")
     ap.add_argument("--box", type=int, nargs=3, default=(8, 23, 73), metavar=("LEFT", "TOP", "SIDE"),
                     help="crop box of --measure-template (default: the shipped model's, in CelebA's 89x109 photos)")
@@ -723,11 +736,14 @@ def main(argv=None) -> int:
     if args.align:
         import zoo
         w = zoo.WEIGHTS[args.model]
-        if not w.template:
-            print(f"error: {args.model} declares no face template", file=sys.stderr)
+        template = zoo.TEMPLATES.get(args.template) if args.template else w.template
+        if not template:
+            print(f"error: {args.template or args.model} is not a face template (ones known: "
+                  f"{', '.join(zoo.TEMPLATES)})", file=sys.stderr)
             return 2
-        n, missed = align_folder(*args.align, np.asarray(w.template), w.config["out_size"])
-        print(f"{n} aligned crops of {w.config['out_size']} px written to {args.align[1]}; no face in {len(missed)}")
+        size = args.size or w.config["out_size"]
+        n, missed = align_folder(*args.align, np.asarray(template), size, margin=args.margin)
+        print(f"{n} aligned crops of {size + 2 * args.margin} px written to {args.align[1]}; no face in {len(missed)}")
     if args.measure_template:
         files = sorted(p for p in Path(args.measure_template).iterdir() if p.suffix in (".png", ".jpg"))
         files = files[:args.count]

@@ -66,7 +66,8 @@ class TrainConfig:
     crop: tuple = ()                 # (left, top, size): square box of the training images (default: centre square)
     crop_jitter: float = 0.0         # random shift (fraction of size) and scale (1 +- it) of that box per image
     disc: str = ""                   # discriminator init: "" = from the bank file if it has one, "none", or a file
-    degrade: bool = False            # real-world degradations (blur, noise, JPEG) on top of bicubic LR
+    degrade: str = ""                # real-world degradations on top of bicubic LR: "", "mild" or "strong" (DEGRADE)
+    lr_float: bool = False           # keep on-the-fly LR images as floats (default: clipped, rounded to 8 bits)
     iters: int = 300_000             # optimizer steps (Appendix A: 300k)
     batch: int = 8                   # global batch per optimizer step, over all processes and micro-batches
                                      # (Appendix A: 8 for faces, 16 otherwise); bank stage: 16
@@ -127,7 +128,7 @@ PRESETS = {
                        hr="ffhq/images", lr="ffhq/BIx16_down", val="CelebA-HQ/GT",
                        url="https://github.com/NVlabs/ffhq-dataset"),
     ("ffhq", 8): dict(out_size=1024, bank="stylegan2_ffhq_1024", batch=8, lr_period=0, percep_norm_img=True,
-                      hr="ffhq/images", degrade=True, val="CelebA-HQ/GT", url="https://github.com/NVlabs/ffhq-dataset"),
+                      hr="ffhq/images", degrade="strong", val="CelebA-HQ/GT", url="https://github.com/NVlabs/ffhq-dataset"),
     ("cat", 8): dict(out_size=256, bank="stylegan2_cat_256", batch=16, lr_period=0, percep_norm_img=False,
                      hr="cat_train/GT", lr="cat_train/BIx8_down", val="cat_test/GT",
                      url="https://www.yf.io/p/lsun (LSUN cat)"),
@@ -172,7 +173,7 @@ def resolve(cfg: TrainConfig, given: dict | None = None) -> TrainConfig:
         cfg.data = str(hr)
         cfg.out_size = cfg.out_size or p["out_size"]
         cfg.bank = cfg.bank or p["bank"]
-        cfg.degrade = cfg.degrade or p.get("degrade", False)
+        cfg.degrade = cfg.degrade or p.get("degrade", "")
         if cfg.stage == "glean":
             for name in PRESET_TRAINING:
                 if name not in (given or {}):
@@ -260,26 +261,45 @@ def jitter_box(box: tuple, H: int, W: int, jitter: float, g: torch.Generator) ->
     return left, top, s
 
 
-def degrade(hr: torch.Tensor, in_size: int, g: torch.Generator) -> torch.Tensor:
-    """Real-world degradation of an HR image [3, H, W] in [0, 1] to an LR one [3, in_size, in_size]: random
-    (an)isotropic Gaussian blur, MATLAB bicubic downscaling, Gaussian noise (sigma <= 25/255), JPEG (quality
-    30-95), as for the official 128 -> 1024 face model (which samples wider ranges)."""
+# Ranges of the degradations: blur sigma in LR pixels (x scale / 2 in HR pixels), noise sigma in 8-bit levels, JPEG
+# quality; each step is applied with probability p. "strong" is the ffhq 8x (in128) preset's, narrower than the
+# official configuration's; "mild" keeps half of the inputs clean, like the photos people actually upscale.
+DEGRADE = {"strong": dict(p=1.0, blur=(0.2, 1.5), noise=(0, 25), jpeg=(30, 95)),
+           "mild": dict(p=0.5, blur=(0.2, 1.0), noise=(0, 8), jpeg=(60, 95))}
+
+
+def to_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Clip to [0, 1] and round to 256 levels, as an image file stores it."""
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
+def degrade(hr: torch.Tensor, in_size: int, g: torch.Generator, level: str = "strong") -> torch.Tensor:
+    """Real-world degradation of an HR image [3, H, W] in [0, 1] to an 8-bit LR one [3, in_size, in_size]: random
+    (an)isotropic Gaussian blur, MATLAB bicubic downscaling, Gaussian noise, JPEG (ranges: DEGRADE[level]), as for
+    the official 128 -> 1024 face model (which samples wider ranges)."""
+    r = DEGRADE[level]
     u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
+    happens = lambda: r["p"] >= 1 or torch.rand((), generator=g).item() < r["p"]  # noqa: E731
     scale = hr.shape[-1] / in_size
-    sx, sy, theta = u(0.2, 1.5) * scale / 2, u(0.2, 1.5) * scale / 2, u(-math.pi, math.pi)
-    k = int(2 * math.ceil(3 * max(sx, sy)) + 1)
-    ax = torch.arange(k, dtype=torch.float32) - k // 2
-    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
-    c, s = math.cos(theta), math.sin(theta)
-    xr, yr = c * xx + s * yy, -s * xx + c * yy
-    kernel = torch.exp(-0.5 * ((xr / sx) ** 2 + (yr / sy) ** 2))
-    kernel = (kernel / kernel.sum())[None, None].expand(3, 1, k, k)
-    blurred = F.conv2d(F.pad(hr[None], [k // 2] * 4, mode="reflect"), kernel, groups=3)[0]
-    lr = imresize(blurred, size=in_size)
-    lr = lr + torch.randn(lr.shape, generator=g) * u(0, 25) / 255
-    im = Image.fromarray((lr.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+    if happens():
+        sx, sy, theta = u(*r["blur"]) * scale / 2, u(*r["blur"]) * scale / 2, u(-math.pi, math.pi)
+        k = int(2 * math.ceil(3 * max(sx, sy)) + 1)
+        ax = torch.arange(k, dtype=torch.float32) - k // 2
+        yy, xx = torch.meshgrid(ax, ax, indexing="ij")
+        c, s = math.cos(theta), math.sin(theta)
+        xr, yr = c * xx + s * yy, -s * xx + c * yy
+        kernel = torch.exp(-0.5 * ((xr / sx) ** 2 + (yr / sy) ** 2))
+        kernel = (kernel / kernel.sum())[None, None].expand(3, 1, k, k)
+        hr = F.conv2d(F.pad(hr[None], [k // 2] * 4, mode="reflect"), kernel, groups=3)[0]
+    lr = imresize(hr, size=in_size)
+    if happens():
+        lr = lr + torch.randn(lr.shape, generator=g) * u(*r["noise"]) / 255
+    lr = to_8bit(lr)
+    if not happens():
+        return lr
+    im = Image.fromarray((lr * 255).round().byte().permute(1, 2, 0).numpy())
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=int(u(30, 95)))
+    im.save(buf, format="JPEG", quality=int(u(*r["jpeg"])))
     with Image.open(buf) as jpg:
         t = torch.frombuffer(bytearray(jpg.convert("RGB").tobytes()), dtype=torch.uint8)
     return t.view(in_size, in_size, 3).permute(2, 0, 1).float() / 255
@@ -300,10 +320,12 @@ class SRDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, folder, out_size: int, in_size: int | None = None, lr_dir: str = "", flip: bool = True,
-                 degrade: bool = False, seed: int = 0, limit: int = 0, crop: tuple = (), crop_jitter: float = 0.0,
-                 report: bool = True):
+                 degrade: str = "", seed: int = 0, limit: int = 0, crop: tuple = (), crop_jitter: float = 0.0,
+                 report: bool = True, lr_float: bool = False):
         self.files = list_images(folder)[:limit or None]
         self.out_size, self.in_size, self.flip, self.degrade, self.seed = out_size, in_size, flip, degrade, seed
+        self.degrade = "strong" if degrade is True else degrade or ""          # older runs stored a bool
+        self.lr_float = lr_float
         self.crop, self.crop_jitter = tuple(crop), crop_jitter
         if lr_dir and (crop or crop_jitter):
             raise UserError("--crop / --crop-jitter cannot be used with --lr-dir (the paired LR images are fixed)")
@@ -357,9 +379,10 @@ class SRDataset(torch.utils.data.Dataset):
                     raise UserError(f"LR image {self.lr_files[path]} is {lr.shape[-1]}x{lr.shape[-2]}, "
                                     f"expected {self.in_size}x{self.in_size}")
             elif self.degrade:
-                lr = degrade(hr, self.in_size, g)
+                lr = degrade(hr, self.in_size, g, self.degrade)
             else:
                 lr = imresize(hr, size=self.in_size)
+                lr = lr if self.lr_float else to_8bit(lr)                  # as real LR files hold it
             item["lr"] = lr
         if flip:
             item = {k: v.flip(-1) for k, v in item.items()}
@@ -928,7 +951,7 @@ def train_glean(cfg: TrainConfig, env: Env, state: dict | None) -> None:
     G_train, D_train = wrap(G, env), wrap(D, env)
     G_fwd, D_fwd = (torch.compile(G_train), torch.compile(D_train)) if cfg.compile else (G_train, D_train)
     autocast, scaler = precision(cfg, env)
-    data = SRDataset(cfg.data, mcfg.out_size, mcfg.in_size, cfg.lr_dir, degrade=cfg.degrade, seed=cfg.seed,
+    data = SRDataset(cfg.data, mcfg.out_size, mcfg.in_size, cfg.lr_dir, degrade=cfg.degrade, lr_float=cfg.lr_float, seed=cfg.seed,
                      crop=cfg.crop, crop_jitter=cfg.crop_jitter, report=env.main)
     same_data(state, data, env)
     val = SRDataset(cfg.val_data, mcfg.out_size, mcfg.in_size, flip=False, limit=cfg.val_count) \
@@ -1231,9 +1254,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square box of the training images to use (default: the centre square)")
     g.add_argument("--crop-jitter", type=float,
                    help="random shift (fraction of the box) and scale (1 +- it) of the box per image (default: 0)")
-    g.add_argument("--degrade", action="store_true",
-                   help="real-world degradations (blur, noise, JPEG) of the LR inputs (default: off; the ffhq 8x "
-                        "preset: on)")
+    g.add_argument("--degrade", nargs="?", const="strong", choices=sorted(DEGRADE),
+                   help="real-world degradations (blur, noise, JPEG) of the LR inputs: strong (the bare flag; the "
+                        "ffhq 8x preset) or mild (each step on half of the images, narrower ranges; DEGRADE) "
+                        "(default: none)")
+    g.add_argument("--lr-float", action="store_true",
+                   help="keep LR images made on the fly as floats (default: clipped and rounded to 8 bits, as real "
+                        "files and the official pre-made LR PNGs are)")
     g = ap.add_argument_group("optimisation (Appendix A; presets follow the official configs)")
     g.add_argument("--iters", type=int, help=f"optimizer steps (default: {d.iters})")
     g.add_argument("--batch", type=int, help="global batch per optimizer step, split over all processes and --accum "

@@ -364,8 +364,12 @@ def test_dataset_and_sampler_are_deterministic(images, tmp_path):
     ds = train.SRDataset(images, 32, 8, seed=3)
     a, b = ds[(4, 7)], ds[(4, 7)]
     assert torch.equal(a["lr"], b["lr"]) and a["hr"].shape == (3, 32, 32) and a["hr"].abs().max() <= 1
-    expected = imresize((a["hr"] + 1) / 2, size=8) * 2 - 1                # LR = MATLAB bicubic of the HR
+    lr = imresize((a["hr"] + 1) / 2, size=8)                              # LR = MATLAB bicubic of the HR ...
+    expected = (lr.clamp(0, 1) * 255).round() / 255 * 2 - 1               # ... clipped, rounded to 8 bits
     torch.testing.assert_close(a["lr"], expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(lr * 2 - 1, expected, atol=1e-6)            # the rounding happened
+    floats = train.SRDataset(images, 32, 8, seed=3, lr_float=True)[(4, 7)]["lr"]   # --lr-float: the old path
+    torch.testing.assert_close(floats, lr * 2 - 1, atol=1e-6, rtol=0)
     whole = train.BatchStream(len(ds), 3, 0, 1, seed=1)
     it = iter(whole)
     seq = [next(it) for _ in range(7)]
@@ -376,6 +380,12 @@ def test_dataset_and_sampler_are_deterministic(images, tmp_path):
     assert not set(first[0]) & set(first[1])                                    # ranks see different images
     deg = train.SRDataset(images, 32, 8, degrade=True)[(0, 0)]["lr"]
     assert deg.shape == (3, 8, 8) and not torch.equal(deg, ds[(0, 0)]["lr"])
+    levels = (deg + 1) * 127.5                                                  # degraded LR is 8-bit too
+    torch.testing.assert_close(levels, levels.round(), atol=1e-4, rtol=0)
+    mild = train.SRDataset(images, 32, 8, degrade="mild", flip=False)
+    clean = train.SRDataset(images, 32, 8, flip=False)
+    same = [torch.equal(mild[(i, e)]["lr"], clean[(i, e)]["lr"]) for i in range(len(ds)) for e in range(8)]
+    assert 0 < sum(same) < len(same)          # "mild": some inputs untouched (p = 1/8 each), most degraded
     lr_dir = tmp_path / "lr"
     lr_dir.mkdir()
     for p in images.iterdir():
