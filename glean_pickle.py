@@ -116,19 +116,12 @@ def rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, back
 
 
 def rebuild_parameter(data, requires_grad, backward_hooks, state=None):
-    """torch._utils._rebuild_parameter(_with_state), after checking: a tensor of this file; its Python attributes
-    (state) plain names, set on the new Parameter only."""
+    """torch._utils._rebuild_parameter(_with_state), after checking: a tensor of this file. Python attributes some
+    libraries set on Parameters (state) are not set: setattr is what this module never does for a file."""
     _no_hooks(backward_hooks)
     if not torch.is_tensor(data):
         raise pickle.UnpicklingError(f"a Parameter of a {type(data).__name__}")
-    p = torch.nn.Parameter(data, bool(requires_grad) and data.is_floating_point())
-    if state:
-        attrs = state[0] if isinstance(state, tuple) and len(state) == 2 and not state[1] else state
-        if not isinstance(attrs, dict) or not all(isinstance(k, str) and not k.startswith("__") for k in attrs):
-            raise pickle.UnpicklingError("a Parameter with odd attributes")
-        for k, v in attrs.items():
-            setattr(p, k, v)
-    return p
+    return torch.nn.Parameter(data, bool(requires_grad) and data.is_floating_point())
 
 
 def storage_from_bytes(data):

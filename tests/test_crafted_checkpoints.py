@@ -83,6 +83,14 @@ def storage_bytes(main: bytes) -> bytes:
                        struct.pack("<I", len(b)) + b + pickle.TUPLE1 + pickle.REDUCE}) + pickle.STOP
 
 
+def tensor(hooks: bytes = pickle.EMPTY_DICT) -> bytes:
+    """_rebuild_tensor_v2 of the 4 floats zipped() stores under key '0'."""
+    return (glob("torch._utils", "_rebuild_tensor_v2") + pickle.MARK + pickle.MARK + text("storage") +
+            glob("torch", "FloatStorage") + text("0") + text("cpu") + pickle.BININT1 + b"\x04" + pickle.TUPLE +
+            pickle.BINPERSID + pickle.BININT1 + b"\0" + pickle.BININT1 + b"\x04" + pickle.TUPLE1 + pickle.BININT1 +
+            b"\x01" + pickle.TUPLE1 + pickle.NEWFALSE + hooks + pickle.TUPLE + pickle.REDUCE)
+
+
 def stop(x: bytes) -> bytes:
     return P2 + x + pickle.POP + pairs({}) + pickle.STOP
 
@@ -105,20 +113,14 @@ CRAFTED = {   # name: (file bytes, what it tries)
     "zip_placeholder_class.pt": (lambda d: zipped(stop(glob("os", "system") + glob("torch._utils", "_rebuild_tensor")
                                                        + pickle.BUILD)),
                                  "Placeholder.__setstate__ called with an allowed function as `self`"),
-    "zip_tensor_state.pt": (lambda d: zipped(P2 + glob("torch._utils", "_rebuild_tensor_v2") + pickle.MARK +
-                                             pickle.MARK + text("storage") + glob("torch", "FloatStorage") +
-                                             text("0") + text("cpu") + pickle.BININT1 + b"\x04" + pickle.TUPLE +
-                                             pickle.BINPERSID + pickle.BININT1 + b"\0" + pickle.BININT1 + b"\x04" +
-                                             pickle.TUPLE1 + pickle.BININT1 + b"\x01" + pickle.TUPLE1 +
-                                             pickle.NEWFALSE + pairs({text("h"): glob("os", "system")}) +
-                                             pickle.TUPLE + pickle.REDUCE + pickle.STOP),
-                            "a tensor with a backward hook"),
+    "zip_tensor_hook.pt": (lambda d: zipped(P2 + tensor(pairs({text("h"): glob("os", "system")})) + pickle.STOP),
+                           "a tensor with a backward hook"),
     "zip_param_state.pt": (lambda d: zipped(P2 + glob("torch._utils", "_rebuild_parameter_with_state") +
-                                            pickle.MARK + glob("torch", "Size") + pickle.EMPTY_TUPLE +
-                                            pickle.REDUCE + pickle.NEWFALSE + pickle.EMPTY_DICT +
-                                            pairs({text("__class__"): glob("torch", "Size")}) + pickle.TUPLE +
-                                            pickle.REDUCE + pickle.STOP),
-                           "a Parameter whose state sets __class__"),
+                                            pickle.MARK + tensor() + pickle.NEWFALSE + pickle.EMPTY_DICT +
+                                            pairs({text("__class__"): glob("torch", "Size"),
+                                                   text("_backward_hooks"): pairs({text("h"): glob("os", "system")})})
+                                            + pickle.TUPLE + pickle.REDUCE + pickle.STOP),
+                           "a Parameter whose state sets __class__ and hooks"),
     "zip_module_record.pt": (lambda d: zipped(P2 + pickle.MARK + text("module") + glob("torch", "Size") + text("a") +
                                               text("b") + pickle.TUPLE + pickle.BINPERSID + pickle.STOP),
                              "a zip storage typed 'module'"),
@@ -375,3 +377,13 @@ def test_odd_tensors_are_named_before_anything_is_built(tmp_path, monkeypatch):
         save(tmp_path / f"{name}.pt", odd)                      # as a file: how torch rebuilds meta and sparse
         one_line_error(zoo.load_pretrained, tmp_path / f"{name}.pt", match if name == "stride0" else  # tensors is
                        "is a Placeholder, not a tensor")                                             # not allowed
+
+
+def test_the_opcode_builders_make_real_tensors(tmp_path):
+    """The crafted files are close to real ones: the same opcodes without the attack load as torch would."""
+    (tmp_path / "t.pt").write_bytes(zipped(P2 + tensor() + pickle.STOP))
+    assert torch.equal(glean_io.torch_load(tmp_path / "t.pt"), torch.arange(4.0))
+    assert torch.equal(torch.load(tmp_path / "t.pt", weights_only=True), torch.arange(4.0))
+    (tmp_path / "p.pt").write_bytes(CRAFTED["zip_param_state.pt"][0](tmp_path))
+    p = glean_io.torch_load(tmp_path / "p.pt")                 # its state is not set: a plain Parameter
+    assert type(p) is torch.nn.Parameter and torch.equal(p, torch.arange(4.0)) and not p._backward_hooks
