@@ -18,6 +18,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import struct
 import sys
 import tempfile
@@ -249,7 +250,8 @@ def current_umask() -> int:
     return mask
 
 
-TEMP_SUFFIX = ".tmp"   # atomic_write's temporary files: ".<name>.<random>.tmp" beside the target
+TEMP_SUFFIX = ".tmp"   # atomic_write's temporary files: ".<name>.<pid>-<random>.tmp" beside the target
+KILLED_TEMP = re.compile(r"\.(.+)\.(\d+)-[a-z0-9_]{8}\.tmp")   # the same, as a pattern (mkstemp: 8 characters)
 
 
 @contextlib.contextmanager
@@ -257,7 +259,7 @@ def atomic_write(path, mode="wb"):
     """Open a temporary file next to `path`; rename it over `path` only if the block succeeds. The file gets the
     permissions of an ordinary new file (0o666 less the umask), not mkstemp's private 0o600."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX)
     try:
         os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
@@ -281,6 +283,35 @@ def remove_stale_temp(folder, names: str = "*") -> list:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)                                 # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):            # another user's process; a pid no system has
+        return True
+    return True
+
+
+def remove_killed_temp(folder, started: float, targets: tuple = ()) -> list:
+    """Delete, under `folder` (recursively), the temporary files atomic_write left when its process was killed:
+    only names of its own pattern (".<name>.<pid>-<random>.tmp", with <name> ending in one of `targets` if given),
+    last changed before `started` (time.time() when this run began) and written by a process that no longer
+    exists, so that concurrent writers into the same folder keep theirs. Returns the removed paths."""
+    removed = []
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            m = KILLED_TEMP.fullmatch(name)
+            p = Path(root) / name
+            if not m or (targets and not m[1].lower().endswith(targets)) or _alive(int(m[2])):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if p.is_file() and not p.is_symlink() and p.stat().st_mtime < started:
+                    p.unlink()
+                    removed.append(p)
     return removed
 
 
