@@ -17,14 +17,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from glean_io import atomic_write
+from glean_io import atomic_write, one_line
 
 # Suffixes read from folders (anything Pillow reads can also be named directly).
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
 
 
 class InputError(Exception):
-    """An input that cannot be processed as asked: the message says why and what to do."""
+    """An input that cannot be processed as asked: the message (one line, even for a file name with a line break)
+    says why and what to do."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(one_line(message))
 
 
 # ----------------------------------------------------------------------------------------------------------
