@@ -184,13 +184,24 @@ def _read_deep_colour(path: Path) -> np.ndarray:
     return a[..., [2, 1, 0, 3][:a.shape[2]]].astype(np.float32) / 65535.0         # BGR(A) -> RGB(A)
 
 
+def quantized(a: np.ndarray, bits: int = 8) -> np.ndarray:
+    """Array [H, W, C] in [0, 1] -> uint8 (bits 8) or uint16 (bits 16), rounded; arrays of those types as they are
+    (large results are assembled in their final type: photos.py)."""
+    if a.dtype in (np.uint8, np.uint16):
+        return a
+    return (np.clip(a, 0, 1) * (255 if bits == 8 else 65535)).round().astype(np.uint8 if bits == 8 else np.uint16)
+
+
 def to_pil(a: np.ndarray, bits: int = 8) -> Image.Image:
-    """Array [H, W, C] in [0, 1] -> PIL image (16-bit greyscale as mode I;16)."""
+    """Array [H, W, C] in [0, 1], or uint8 / uint16 -> PIL image (16-bit greyscale as mode I;16)."""
     C = a.shape[2]
-    if bits == 16 and C == 1:
-        return Image.fromarray((np.clip(a[..., 0], 0, 1) * 65535).round().astype(np.uint16))
+    b = quantized(a, bits)
+    if b.dtype == np.uint16 and C == 1:
+        return Image.fromarray(b[..., 0])
+    if b.dtype == np.uint16:
+        b = (b.astype(np.uint32) * 255 + 32767) // 65535
+        b = b.astype(np.uint8)
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[C]
-    b = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
     return Image.fromarray(b[..., 0] if C == 1 else b, mode)
 
 
@@ -210,7 +221,7 @@ def write_image(a: np.ndarray, path, bits: int = 8) -> None:
         if fmt not in ("PNG", "TIFF"):
             raise InputError(f"{path}: 16-bit colour is kept in PNG or TIFF only; use --ext png")
         import cv2
-        b = (np.clip(a, 0, 1) * 65535).round().astype(np.uint16)[..., [2, 1, 0, 3][:a.shape[2]]]
+        b = quantized(a, 16)[..., [2, 1, 0, 3][:a.shape[2]]]
         ok, data = cv2.imencode(".png" if fmt == "PNG" else ".tif", b)
         if not ok:
             raise OSError(f"could not encode {path}")
