@@ -39,7 +39,8 @@ import zoo
 from images import InputError, imresize, upscale_axis
 
 MAX_SHRINK = 1.25            # default: a face may be shrunk at most this much to fit a model's input
-MIN_SCORE = 0.92             # O-Net probability a detection needs (tuned: evaluate.py --detections, README)
+MIN_SCORE = 0.985            # O-Net probability a detection needs (tuned: evaluate.py --detections, README) ...
+MIN_SCORE_TINY = 0.92        # ... or, for a face box under 12 px wide (tiny faces score lower), this
 MIN_FACE = 12                # smallest face box searched for (px): MTCNN's 12 px window, the faces our models take
 MAX_OUTPUT_PIXELS = 400e6    # default --max-output-megapixels: refused before any work
 BAND_VALUES = 1 << 23        # float32 values per band of output rows (32 MiB): bounds the working memory
@@ -134,16 +135,18 @@ def face_frame(landmarks) -> tuple:
     return e, d, ex, ey
 
 
-def plausible(f, min_score: float = MIN_SCORE) -> str:
+def plausible(f) -> str:
     """'' if the detection looks like a face, else why not: a weak score, or a landmark layout no frontal face has.
-    Measured on LFW photos shrunk 1-8x (evaluate.py --detections): faces score >= 0.93, their eye distance is
+    Measured on 277 LFW training photos shrunk 1-8x (the faces' boxes 9-200 px): faces score >= 0.986 with boxes of
+    12 px and more, >= 0.934 below; patterned ties, gravel and the like reach 0.95-0.98. Faces' eye distance is
     0.34-0.55 of the box width, the mouth 0.86-1.7 eye distances below the eyes, the nose within 0.71 of the eyes'
     midpoint across and below the eye line; the limits below leave a margin around those ranges."""
-    if f.score < min_score:
-        return f"weak detection (score {f.score:.2f} < {min_score:g})"
+    width = f.box[2] - f.box[0]
+    needed = MIN_SCORE if width >= 12 else MIN_SCORE_TINY
+    if f.score < needed:
+        return f"weak detection (score {f.score:.3f} < {needed:g})"
     e, d, ex, ey = face_frame(f.landmarks)
     lm = np.asarray(f.landmarks, np.float64)
-    width = f.box[2] - f.box[0]
     rel = lambda p: ((p - e) @ ex / max(d, 1e-9), (p - e) @ ey / max(d, 1e-9))  # noqa: E731  in eye distances
     nose, ml, mr = rel(lm[2]), rel(lm[3]), rel(lm[4])
     mouth_y = (ml[1] + mr[1]) / 2
@@ -316,7 +319,7 @@ def blend_band(bg: torch.Tensor, pastes: list, o0: int) -> torch.Tensor:
     return torch.where(den > 0, blended, bg)
 
 
-def detect(a: np.ndarray, name: str, notes: list, found: list | None, min_score: float, only_center: bool):
+def detect(a: np.ndarray, name: str, notes: list, found: list | None, only_center: bool):
     """The faces of photo a [H, W, C] worth restoring, and the reports of the detections rejected as not faces."""
     H, W = a.shape[:2]
     if found is None:
@@ -327,7 +330,7 @@ def detect(a: np.ndarray, name: str, notes: list, found: list | None, min_score:
         found = faces.load_detector().detect(a, min_face=MIN_FACE)
     kept, rejected = [], []
     for f in found:
-        why = plausible(f, min_score)
+        why = plausible(f)
         if why:
             rejected.append(FaceReport(tuple(f.box), f.score, reason=f"not taken for a face: {why}"))
         else:
@@ -356,7 +359,7 @@ def assign(found: list, candidates: list, max_shrink: float) -> list:
 
 
 def restore_photo(a: np.ndarray, *, model=None, candidates: list | None = None, outscale: float = 0.0,
-                  max_shrink: float = MAX_SHRINK, min_score: float = MIN_SCORE, only_center: bool = False,
+                  max_shrink: float = MAX_SHRINK, only_center: bool = False,
                   found: list | None = None, name: str = "image", dtype=np.float32,
                   max_output_pixels: float = MAX_OUTPUT_PIXELS, times: dict | None = None) -> Restored:
     """The photo a [H, W, C] (float32 in [0, 1]; C = 1-4) upscaled by `outscale` (default: 4, or a forced model's
@@ -379,7 +382,7 @@ def restore_photo(a: np.ndarray, *, model=None, candidates: list | None = None, 
                          f"million pixels, above the limit of {max_output_pixels / 1e6:g} million (raise it with "
                          f"--max-output-megapixels, or lower --outscale)")
     notes, grey = [], is_grey(a)
-    kept, rejected = detect(a, name, notes, found, min_score, only_center)
+    kept, rejected = detect(a, name, notes, found, only_center)
     lap("detect")
     plan = assign(kept, [forced] if forced else (candidates or registered_face_models()), max_shrink)
     pastes = []
