@@ -396,7 +396,8 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--output", default="results", help="output folder, created if needed (default: results)")
     ap.add_argument("-m", "--model", default="", help=f"registered model ({', '.join(zoo.WEIGHTS)}) or a "
                                                        f"checkpoint file (default: {zoo.DEFAULT_MODEL})")
-    ap.add_argument("--suffix", default="_glean", help="appended to each output file name (default: _glean)")
+    ap.add_argument("--suffix", help="appended to each output file name (default: _faces with --faces, where GLEAN "
+                                     "redraws only the faces it fits; else _glean)")
     ap.add_argument("--ext", default="auto", help="output format: auto (as the input), png, jpg, webp, tif, ... "
                                                    "(default: auto)")
     ap.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
@@ -456,6 +457,8 @@ def main(argv=None) -> int:
     if args.ext != "auto" and write_format("." + args.ext.lstrip(".")) is None:
         return error(f"--ext {args.ext}: not a format that can be written; use png, jpg, webp, tif or bmp")
     max_pixels = round(args.max_megapixels * 1e6)
+    if args.suffix is None:
+        args.suffix = "_faces" if args.faces and not args.aligned else "_glean"
     outdir = Path(args.output)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
