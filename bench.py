@@ -26,11 +26,14 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = {  # official constructor kwargs (tests/data/manifest_*.json); "shipped": the default model, its weights;
-    "cat_8x": dict(in_size=32, out_size=256),           # "faces": infer.py --faces on a 640x480 scene with 5 faces
-    "ffhq_16x": dict(in_size=64, out_size=1024),
-    "shipped": None,
+    "cat_8x": dict(in_size=32, out_size=256),           # "faces": infer.py --faces (the offline models, 4x) on a
+    "ffhq_16x": dict(in_size=64, out_size=1024),        # 640x480 scene with faces of 12-46 px; "faces_4mp": 8x of a
+    "shipped": None,                                    # 2304x1728 photo (4 megapixels in, 255 out): peak memory
     "faces": None,
+    "faces_4mp": None,
 }
+FACE_SCENES = {"faces": ((24, 28, 40, 48, 52, 96), 640, 480, 4),            # head sides (face box ~0.48 x), size,
+               "faces_4mp": ((24, 32, 48, 64, 96, 192, 384), 2304, 1728, 8)}  # scale
 OFFICIAL = {"cat_8x": "timing_glean_cat_8x.json", "ffhq_16x": "timing_glean_ffhq_16x.json"}
 
 
@@ -80,30 +83,37 @@ def golden_error(path: str = "fast") -> float:
         return (model(io["input"]) - io["output"]).abs().max().item()
 
 
-def run_faces(device: str, repeats: int) -> dict:
-    """infer.py --faces with the shipped model on faces.face_scene() (640x480, 5 faces: the public-domain astronaut's
-    head on scikit-image's rocket picture): seconds per stage, median over the repeats after a warm-up."""
+def run_faces(name: str, repeats: int) -> dict:
+    """infer.py --faces (the offline face models, each face to the one that fits it) on faces.face_scene: the
+    public-domain astronaut's head at several sizes on scikit-image's rocket picture, 8-bit output as the command
+    line writes it; seconds per stage, median over the repeats after a warm-up, and the process's peak memory."""
+    import numpy as np
     import faces
     import infer
-    import zoo
-    model = zoo.load_pretrained(zoo.DEFAULT_MODEL).to(device)
-    scene, placed = faces.face_scene()
-    infer.restore_faces(model, scene)                          # warm-up (and the detector's weights loaded)
+    sizes, width, height, scale = FACE_SCENES[name]
+    scene, placed = faces.face_scene(sizes, width, height)
+    rss_scene = max_rss_mib()
+    run = lambda times: infer.restore_faces(None, scene, outscale=scale, notes=[], times=times, reports=reports,  # noqa
+                                            dtype=np.uint8)
+    reports = []
+    run({})                                                    # warm-up (and the models' weights loaded)
     runs = []
     for _ in range(repeats):
-        times = {}
+        times, reports = {}, []
         t = time.perf_counter()
-        infer.restore_faces(model, scene, times=times)
+        run(times)
         runs.append({**times, "total": time.perf_counter() - t})
-    return {"config": "faces", "path": "fast", "device": device, "faces": len(placed),
+    return {"config": name, "path": "fast", "device": "cpu", "faces": len(placed), "size": [width, height],
+            "scale": scale, "restored": sum(r.restored for r in reports),
             "median_s": {k: statistics.median(r[k] for r in runs) for k in runs[0]},
-            "times_s": [round(r["total"], 4) for r in runs], "maxrss_MiB": {"after_forward": max_rss_mib()}}
+            "times_s": [round(r["total"], 4) for r in runs],
+            "maxrss_MiB": {"scene": rss_scene, "after_forward": max_rss_mib()}}
 
 
 def run_one(name: str, device: str, repeats: int, amp: bool, batch: int = 1, path: str = "fast") -> dict:
     """Runs in its own process: build, warm up, time, count FLOPs."""
-    if name == "faces":
-        return run_faces(device, repeats)
+    if name in FACE_SCENES:
+        return run_faces(name, 2 if name == "faces_4mp" else repeats)
     rss_import = max_rss_mib()
     import glean
     import glean_fast
@@ -273,13 +283,14 @@ def main():
         cmd += ["--amp"] * args.amp + (["--threads", str(args.threads)] if args.threads else [])
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         results.append(r)
-        if name == "faces":
+        if name in FACE_SCENES:
             if path == args.paths[0]:
-                m = r["median_s"]
-                print(f"faces     {m['total']:.3f} s per 640x480 scene with {r['faces']} faces ({zoo.DEFAULT_MODEL}, "
-                      f"8x, runs {r['times_s']}): " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in m.items()
-                                                                if k != "total") +
-                      f"; peak RSS {r['maxrss_MiB']['after_forward']:.0f} MiB")
+                m, (w, h) = r["median_s"], r["size"]
+                print(f"{name:9s} {m['total']:.3f} s per {w}x{h} scene, {r['faces']} faces ({r['restored']} "
+                      f"restored), {r['scale']}x to {w * r['scale']}x{h * r['scale']} (runs {r['times_s']}): " +
+                      ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in m.items() if k != "total") +
+                      f"; peak RSS {r['maxrss_MiB']['after_forward']:.0f} MiB "
+                      f"(the scene made: {r['maxrss_MiB']['scene']:.0f})")
             continue
         gflops = r["flops"] / r["median_s"] / 1e9
         mem = (f"peak RSS {r['maxrss_MiB']['after_forward']:.0f} MiB (import {r['maxrss_MiB']['after_import']:.0f}, "

@@ -11,6 +11,7 @@ file that is no image, or one of too many pixels, gets a message that says so an
 a private temporary folder that is cleaned up.
 """
 import atexit
+import math
 import os
 import shutil
 import sys
@@ -25,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import faces
 import glean
 import images
 import infer
+import photos
 import zoo
 from glean_io import CheckpointError
 
@@ -154,38 +155,66 @@ def upscale(upload, name: str):
                            f"upscale it as it is") from None
         to_image = lambda x: images.to_pil(x)  # noqa: E731
         return ((to_image(r["bicubic"]), to_image(r["glean"])), to_image(r["compare"]),
-                save_png(to_image(r["glean"]), stem + "_glean"), describe(name))
+                save_png(to_image(r["glean"]), stem + "_glean"))
     outs, _ = infer.upscale_arrays(model, [a])
     out = images.to_pil(outs[0], bits)
     before = bicubic_baseline(model, a)
-    return (before, out.convert("RGB")), None, save_png(out, stem + "_glean"), describe(name)
+    return (before, out.convert("RGB")), None, save_png(out, stem + "_glean")
+
+
+AUTO = "auto"                    # the Photo tab's default: photos.py picks, per face, the offline model that fits
 
 
 def photo(upload, name: str, outscale: float):
-    """The Photo tab: every face found, drawn on the photo; the whole photo upscaled (bicubic) with the faces
-    restored by GLEAN and pasted back (infer.restore_faces). The result is downloaded at full size."""
+    """The Photo tab: the whole photo upscaled (bicubic) with each face that a model's input fits restored by that
+    model and pasted back (photos.restore_photo); every face found is marked on the photo: green if restored (and
+    by which model), orange if left as the bicubic upscale, grey if not taken for a face, each with the reason.
+    The result is downloaded at full size."""
     a, _, stem = read_upload(upload)
-    if name in zoo.WEIGHTS and not zoo.WEIGHTS[name].template or infer.face_template(get_model(name)) is None:
-        raise gr.Error(f"{name} is not a face model: choose one of "
-                       f"{', '.join(n for n, w in zoo.WEIGHTS.items() if w.template)}")
-    model = get_model(name)
+    model = None
+    if name != AUTO:
+        if name in zoo.WEIGHTS and not zoo.WEIGHTS[name].template or infer.face_template(get_model(name)) is None:
+            raise gr.Error(f"{name} is not a face model: choose auto or one of "
+                           f"{', '.join(n for n, w in zoo.WEIGHTS.items() if w.template)}")
+        model = get_model(name)
     notes = []
-    scale = min(float(outscale or model.cfg.scale), model.cfg.scale)
+    scale = float(outscale or (model.cfg.scale if model is not None else 4))
     limit = (MAX_RESULT_PIXELS / (a.shape[0] * a.shape[1])) ** 0.5
     if scale > limit:
         notes.append(f"scaled {limit:.2f}x instead of {scale:g}x, to keep the result under "
                      f"{MAX_RESULT_PIXELS / 1e6:g} million pixels")
-        scale = limit
-    found = faces.load_detector().detect(a)
-    out = infer.restore_faces(model, a, outscale=scale, name=stem, notes=notes, found=found)
-    marked = images.to_pil(a).convert("RGB")
+        scale = math.floor(limit * 100) / 100
+    try:
+        r = photos.restore_photo(a, model=model, outscale=scale, name=Path(stem).name, max_output_pixels=0)
+    except images.InputError as e:
+        raise gr.Error(str(e)) from None
+    result = images.to_pil(r.image)
+    return (mark_faces(a, r.faces), result, save_png(result, Path(stem).stem + "_faces"),
+            photo_info(r, scale, notes))
+
+
+def mark_faces(a: np.ndarray, reports: list) -> Image.Image:
+    """The photo with a box around every detection: green restored, orange left alone, grey not a face."""
     from PIL import ImageDraw
+    marked = images.to_pil(a).convert("RGB")
     draw = ImageDraw.Draw(marked)
-    for f in found:
-        draw.rectangle(list(f.box), outline="#ff3030", width=max(1, round(max(a.shape[:2]) / 300)))
-    result = images.to_pil(out)
-    info = f"{len(found)} face(s) found; the photo upscaled {scale:g}x." + "".join(f"\n- {n}" for n in notes)
-    return marked, result, save_png(result, Path(stem).stem + "_faces"), info
+    width = max(1, round(max(a.shape[:2]) / 300))
+    for i, f in enumerate(reports, 1):
+        colour = "#20c020" if f.restored else "#a0a0a0" if f.reason.startswith("not taken") else "#ff9020"
+        draw.rectangle(list(f.box), outline=colour, width=width)
+        draw.text((f.box[0] + width + 1, f.box[1] + width), str(i), fill=colour)
+    return marked
+
+
+def photo_info(r, scale: float, notes: list) -> str:
+    """What happened, face by face, in the numbering of the marked photo."""
+    lines = [f"The photo upscaled {scale:.2f}x with MATLAB bicubic; "
+             f"{sum(f.restored for f in r.faces)} of {len(r.faces)} detection(s) restored by a face model."]
+    for i, f in enumerate(r.faces, 1):
+        what = (f"restored by {f.model} (shrunk {f.shrink:.2f}x to its input)" if f.restored else
+                f"left as the bicubic upscale: {f.reason}")
+        lines.append(f"{i}. {what}")
+    return "\n".join(lines + [f"- {n}" for n in notes + r.notes])
 
 
 MAX_LAYERS = 4        # the retouch editor's layers (it shows one): indices beyond are refused
@@ -289,25 +318,29 @@ def build(models: list) -> gr.Blocks:
                     download = gr.File(label="Download GLEAN's result (PNG, full size)", elem_id="result-file")
                     info = gr.Markdown(describe(models[0]))
             model.change(describe, model, info)
-            go.click(upscale, [image, model], [compare, strip, download, info], preprocess=False)   # see read_upload
+            # the description is not an output: an error on a bad upload is shown without marking it "Error"
+            go.click(upscale, [image, model], [compare, strip, download], preprocess=False)   # see read_upload
         with gr.Tab("Photo"):
-            gr.Markdown("Faces in the wild: every face of the photo is aligned to the model's framing, upscaled by "
-                        "GLEAN and blended back into the whole photo, upscaled by bicubic.")
+            gr.Markdown("Faces in the wild: the whole photo is upscaled with bicubic, and each face that a face "
+                        "model's input fits (it is shrunk at most 1.25x to fit) is restored by that model and "
+                        "blended back over the face region. Faces no model fits are left as the bicubic upscale, "
+                        "never made worse: the marked photo says which face got what, and why.")
             with gr.Row():
                 with gr.Column():
                     photo_in = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard"],
                                         image_mode=None, elem_id="photo-image")
-                    photo_model = gr.Dropdown([c for c in choices if zoo.WEIGHTS.get(c[1]) is None or
-                                               zoo.WEIGHTS[c[1]].template], value=models[0], label="Model")
-                    outscale = gr.Slider(0, 16, value=0, step=0.5, label="Scale (0: the model's)")
+                    photo_model = gr.Dropdown([("auto: per face, the offline model that fits it", AUTO)] +
+                                              [c for c in choices if zoo.WEIGHTS.get(c[1]) is None or
+                                               zoo.WEIGHTS[c[1]].template], value=AUTO, label="Model")
+                    outscale = gr.Slider(0, 16, value=0, step=0.5, label="Scale (0: 4x, or the model's)")
                     photo_go = gr.Button("Restore faces", variant="primary", elem_id="photo-button")
                 with gr.Column():
                     marked = gr.Image(label="Faces found", type="pil", format="png", interactive=False)
                     restored = gr.Image(label="Upscaled photo", type="pil", format="png", interactive=False,
                                         elem_id="photo-result")
                     photo_file = gr.File(label="Download (PNG, full size)", elem_id="photo-file")
-                    photo_info = gr.Markdown()
-            photo_go.click(photo, [photo_in, photo_model, outscale], [marked, restored, photo_file, photo_info],
+                    photo_notes = gr.Markdown()
+            photo_go.click(photo, [photo_in, photo_model, outscale], [marked, restored, photo_file, photo_notes],
                            preprocess=False)
         with gr.Tab("Retouch"):
             gr.Markdown("Sec. 6 of the paper: load an edited photo and paint over the region with artefacts. GLEAN "

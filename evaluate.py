@@ -3,6 +3,8 @@
 
     python evaluate.py --gt DIR --gt-size 64 --bicubic --model glean_face_small_8x --json r.json --markdown r.md
     python evaluate.py --gt DIR --outputs DIR2                 # already upscaled images (same file names)
+    python evaluate.py --photos DIR --shrink 8                 # whole photos: infer.py --faces vs bicubic
+    python evaluate.py --detections DIR                        # which detections --faces takes for faces
 
 Ground truths are centre-cropped to squares and resized to the model's output size (or --gt-size), the LR inputs
 made from them with MATLAB's bicubic. Identity: dlib's face-recognition ResNet (pip install dlib-bin
@@ -366,6 +368,162 @@ def framing_study(model, files: list, identity=None, seed: int = 0) -> dict:
     return {"results": out, "images": len(files), "no_face": missed}
 
 
+def shrink_photo(hr: torch.Tensor, k: float) -> np.ndarray:
+    """A whole photo [3, H, W] in [0, 1] shrunk k times with MATLAB bicubic and stored in 8 bits, as a low-resolution
+    file holds it: [ceil(H / k), ceil(W / k), 3] float32."""
+    lr = imresize(hr, scale=1 / k).clamp(0, 1)
+    return ((lr * 255).round() / 255).permute(1, 2, 0).contiguous().numpy()
+
+
+def region_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR (8-bit values) of a against b [H, W, 3] over the pixels where mask > 0.5."""
+    q = lambda x: np.round(np.clip(x, 0, 1) * 255)  # noqa: E731
+    mse = float(((q(a) - q(b)) ** 2)[mask > 0.5].mean())
+    return 10 * math.log10(255 ** 2 / mse) if mse > 0 else math.inf
+
+
+def face_identity(identity, photos_: list, landmarks) -> list:
+    """Identity similarity of each photo's face (aligned by the original's landmarks, FFHQ framing, 128 px) to the
+    first photo's (the original)."""
+    import faces
+    import zoo
+    crops = [faces.align(p, landmarks, np.asarray(zoo.FFHQ), 128)[0] for p in photos_]
+    t = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2) * 2 - 1
+    e = identity.embed(t)
+    return F.cosine_similarity(e[1:], e[:1].expand_as(e[1:]), dim=1).tolist()
+
+
+def photo_study(files: list, k: float, *, model=None, identity=None, max_shrink: float | None = None) -> dict:
+    """The whole-photo benchmark of --faces: each photo shrunk k times (shrink_photo), restored back to full size
+    by infer.py --faces (photos.restore_photo) and by plain bicubic; every face found in the original (photos.
+    plausible) is scored in its face region (photos.face_region, from the original's landmarks): PSNR and
+    identity of each result against the original. Returns the rows (one per face) and the totals."""
+    import faces
+    import photos
+    rows, det = [], faces.load_detector()
+    for f in files:
+        hr = read_rgb(f)
+        H, W = hr.shape[1:]
+        a = hr.permute(1, 2, 0).contiguous().numpy()
+        lr = shrink_photo(hr, k)
+        kw = dict(model=model, outscale=k, **({"max_shrink": max_shrink} if max_shrink else {}))
+        r = photos.restore_photo(lr, **kw)
+        out = r.image[:H, :W]
+        bic = photos.restore_photo(lr, outscale=k, found=[], model=model).image[:H, :W]
+        done = [rep for rep in r.faces if rep.restored]
+        for face in (x for x in det.detect(a) if not photos.plausible(x)):
+            box = photos.region_box(face.landmarks, a.shape)
+            mask = np.zeros((H, W), np.float32)
+            mask[box[1]:box[3], box[0]:box[2]] = photos.face_region(face.landmarks, a.shape, box).numpy()
+            centre = (np.array(face.box[:2]) + face.box[2:]) / 2
+            by = [rep.model for rep in done if np.linalg.norm((np.array(rep.box[:2]) + rep.box[2:]) / 2 * k - centre)
+                  < 0.5 * (face.box[2] - face.box[0])]
+            row = {"photo": Path(f).name, "box": [round(v, 1) for v in face.box], "restored": bool(by),
+                   "model": by[0] if by else "", "psnr_faces": region_psnr(out, a, mask),
+                   "psnr_bicubic": region_psnr(bic, a, mask)}
+            if identity is not None:
+                row["id_faces"], row["id_bicubic"] = face_identity(identity, [a, out, bic], face.landmarks)
+            rows.append(row)
+    return {"shrink": k, "photos": len(files), "faces": rows, "totals": photo_totals(rows)}
+
+
+def photo_totals(rows: list) -> dict:
+    """Means over all faces and over the restored ones, and the faces harmed (> 0.5 dB below bicubic)."""
+    def means(sel):
+        m = {key: mean([r[key] for r in sel]) for key in ("psnr_faces", "psnr_bicubic", "id_faces", "id_bicubic")
+             if sel and key in sel[0]}
+        return {**m, "count": len(sel)}
+    restored = [r for r in rows if r["restored"]]
+    return {"all": means(rows), "restored": means(restored),
+            "harmed": sum(r["psnr_faces"] < r["psnr_bicubic"] - 0.5 for r in rows),
+            "gained": sum(r["psnr_faces"] > r["psnr_bicubic"] for r in restored)}
+
+
+def photo_table(study: dict) -> str:
+    """The README's whole-photo table."""
+    t = study["totals"]
+    rows = ["| faces | count | PSNR --faces (dB) | PSNR bicubic (dB) | identity --faces | identity bicubic |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for key, label in (("all", "all"), ("restored", "restored by a model")):
+        m = t[key]
+        ident = (f"{m['id_faces']:.4f} | {m['id_bicubic']:.4f}" if "id_faces" in m else "- | -")
+        rows.append(f"| {label} | {m['count']} | {m.get('psnr_faces', math.nan):.2f} | "
+                    f"{m.get('psnr_bicubic', math.nan):.2f} | {ident} |")
+    return "\n".join(rows) + (f"\n\n({study['photos']} photos shrunk {study['shrink']:g}x; faces harmed (> 0.5 dB "
+                              f"below bicubic): {t['harmed']}; restored faces that gained: {t['gained']} of "
+                              f"{t['restored']['count']})\n")
+
+
+FACE_FREE = ("binary_blobs", "brick", "chelsea", "cell", "checkerboard", "clock", "coffee", "coins", "colorwheel",
+             "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
+             "moon", "page", "retina", "rocket", "shepp_logan_phantom", "text")   # scikit-image pictures, no face
+
+
+def face_free_pictures() -> list:
+    """(name, [H, W, 3] float32) for scikit-image's pictures without a face, each at 1/4, 1/2, 1 and 2 times its
+    size (at most 4 million pixels): a cat, coffee, coins, bricks, grass, gravel, text, a rocket, a horse ..."""
+    from skimage import data
+    out = []
+    for name in FACE_FREE:
+        a = np.asarray(getattr(data, name)())
+        a = a.astype(np.float32) / (255 if a.dtype == np.uint8 else 65535 if a.dtype == np.uint16 else 1)
+        t = torch.from_numpy(a[..., None] if a.ndim == 2 else a).permute(2, 0, 1)
+        t = t[:1].expand(3, -1, -1) if t.shape[0] == 1 else t[:3]
+        for sc in (0.25, 0.5, 1, 2):
+            x = imresize(t.float(), scale=sc).clamp(0, 1)
+            if min(x.shape[1:]) >= 12 and x.shape[1] * x.shape[2] <= 4e6:
+                out.append((f"{name}@{sc:g}", x.permute(1, 2, 0).contiguous().numpy()))
+    return out
+
+
+def detection_study(files: list) -> dict:
+    """Precision and recall of the faces --faces takes (photos.plausible on MTCNN's detections, min face 12 px):
+    - recall: the labelled (centre) face of each photo shrunk 1, 2, 4, 8 times (shrink_photo);
+    - false faces in face-free pictures (face_free_pictures) and in textures: the bottom strip of each photo
+      (clothes, hands, backgrounds; rows from 76%), enlarged 1, 2, 4 times, where a detection that is a real face of
+      the photo (also found, score > 0.99, in the whole photo) does not count."""
+    import faces
+    import photos
+    det = lambda a: det_.detect(a, min_face=photos.MIN_FACE)  # noqa: E731
+    det_ = faces.load_detector()
+    rec = {k: [0, 0, 0] for k in (1, 2, 4, 8)}                            # photos, found by MTCNN, kept
+    false = {"face-free pictures": [0, 0, 0], "textures (photo strips)": [0, 0, 0]}   # images, MTCNN, kept
+    for f in files:
+        hr = read_rgb(f)
+        for k in rec:
+            a = hr.permute(1, 2, 0).numpy() if k == 1 else shrink_photo(hr, k)
+            c = np.array([a.shape[1], a.shape[0]]) / 2
+            central = [x for x in det(a) if np.linalg.norm((np.array(x.box[:2]) + x.box[2:]) / 2 - c)
+                       < 0.15 * a.shape[1]]
+            rec[k][0] += 1
+            rec[k][1] += bool(central)
+            rec[k][2] += any(not photos.plausible(x) for x in central)
+        top = int(hr.shape[1] * 0.76)
+        real = [x for x in det(hr.permute(1, 2, 0).numpy()) if x.score > 0.99]
+        for up in (1, 2, 4):
+            strip = imresize(hr[:, top:], scale=up).clamp(0, 1) if up > 1 else hr[:, top:]
+            found = [x for x in det(strip.permute(1, 2, 0).contiguous().numpy()) if not any(
+                abs((x.box[0] + x.box[2]) / 2 / up - (r.box[0] + r.box[2]) / 2) < (r.box[2] - r.box[0]) / 2 and
+                abs((x.box[1] + x.box[3]) / 2 / up + top - (r.box[1] + r.box[3]) / 2) < (r.box[3] - r.box[1]) / 2
+                for r in real)]
+            t = false["textures (photo strips)"]
+            t[0], t[1], t[2] = t[0] + 1, t[1] + len(found), t[2] + sum(not photos.plausible(x) for x in found)
+    for _, a in face_free_pictures():
+        found = det(a)
+        t = false["face-free pictures"]
+        t[0], t[1], t[2] = t[0] + 1, t[1] + len(found), t[2] + sum(not photos.plausible(x) for x in found)
+    return {"recall": rec, "false": false}
+
+
+def detection_table(study: dict) -> str:
+    rows = ["| set | images | MTCNN | taken for faces (photos.plausible) |", "| --- | --- | --- | --- |"]
+    for k, (n, found, kept) in study["recall"].items():
+        rows.append(f"| LFW photos shrunk {k}x: the labelled face found | {n} | {found / n:.1%} | {kept / n:.1%} |")
+    for name, (n, found, kept) in study["false"].items():
+        rows.append(f"| {name}: false faces | {n} | {found} | {kept} |")
+    return "\n".join(rows) + "\n"
+
+
 def _json_safe(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
@@ -376,9 +534,9 @@ def _json_safe(obj):
     return obj
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gt", required=True, help="folder of ground-truth images")
+    ap.add_argument("--gt", help="folder of ground-truth images (the table, --framing)")
     ap.add_argument("--model", action="append", default=[], metavar="NAME_OR_FILE[=LABEL]",
                     help="registered model or checkpoint (repeatable); LR inputs made from the ground truth")
     ap.add_argument("--outputs", action="append", default=[], metavar="DIR[=LABEL]",
@@ -399,104 +557,149 @@ def main(argv=None) -> int:
     ap.add_argument("--framing", action="store_true",
                     help="the framing study: GLEAN vs bicubic at the model's framing, on misframed photos "
                          "centre-cropped, and on the same photos through --simulate (needs one face --model)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--photos", metavar="DIR", help="the whole-photo benchmark of infer.py --faces: each photo of "
+                    "DIR shrunk --shrink times, restored to full size; PSNR and identity of its faces vs bicubic "
+                    "(a --model forces one model; default: the offline face models, as --faces)")
+    ap.add_argument("--shrink", type=float, default=8, help="--photos: shrink factor (default: 8)")
+    ap.add_argument("--max-shrink", type=float, default=0, help="--photos: as infer.py --faces --max-shrink")
+    ap.add_argument("--detections", metavar="DIR", help="precision and recall of the faces --faces takes: the "
+                    "labelled faces of the photos of DIR (LFW) at 1-8x smaller, and false faces in face-free "
+                    "pictures and in textures")
+    return ap
+
+
+def load_models(specs: list) -> dict:
     import zoo
+    models = {}
+    for spec in specs:
+        path, _, label = spec.partition("=")
+        models[label or Path(path).stem] = zoo.load_pretrained(path)
+    return models
+
+
+def make_methods(args, models: dict) -> tuple:
+    """(methods {label: fn(gt batch, indices) -> outputs}, ground truth [N, 3, size, size], names, size)."""
+    size = args.gt_size or (next(iter(models.values())).cfg.out_size if models else 0)
+    if not size:
+        raise ValueError("pass --gt-size (or a --model, whose output size is used)")
+    gt, names = load_folder(args.gt, size, args.limit)
+    methods = {}
+    scale = args.scale or (next(iter(models.values())).cfg.scale if models else 0)
+    if args.bicubic:
+        if not scale:
+            raise ValueError("--bicubic needs --scale (or a --model)")
+        methods["bicubic"] = lambda y, _: imresize(imresize(y, scale=1 / scale), size=size)
+        methods["bicubic"].in_size = size // scale
+    for label, model in models.items():
+        if model.cfg.out_size != size:
+            raise ValueError(f"{label} outputs {model.cfg.out_size} px, the ground truth is {size} px")
+        methods[label] = lambda y, _, m=model: upscale(m, imresize(y, size=m.cfg.in_size))
+        methods[label].in_size = model.cfg.in_size
+    for spec in args.outputs:
+        folder, _, label = spec.partition("=")
+        imgs, found = load_folder(folder, size)
+        where = {n: i for i, n in enumerate(found)}
+        missing = [n for n in names if n not in where]
+        if missing:
+            raise ValueError(f"{folder} lacks outputs for {len(missing)} ground-truth images (e.g. {missing[0]})")
+        imgs = imgs[[where[n] for n in names]]                          # in the ground truth's order
+        methods[label or Path(folder).name] = lambda y, idx, imgs=imgs: imgs[idx]
+    return methods, gt, names, size
+
+
+def load_identity(args):
+    """The identity model the flags ask for, or None (with a note); ImportError when --identity dlib cannot be met."""
+    if args.arcface:
+        return ArcFaceIdentity(args.arcface)
+    if args.identity == "none":
+        return None
+    try:
+        return DlibIdentity()
+    except ImportError as e:
+        if args.identity == "dlib":
+            raise ImportError(f"identity by dlib needs pip install dlib-bin face_recognition_models ({e})") from e
+        print("note: no identity similarity (pip install dlib-bin face_recognition_models, or --arcface)",
+              file=sys.stderr)
+        return None
+
+
+def framing_table(study: dict, label: str) -> str:
+    rows = ["| framing | method | PSNR (dB) | SSIM | identity sim. |", "| --- | --- | --- | --- | --- |"]
+    for framing, methods_ in study["results"].items():
+        for name, m in methods_.items():
+            rows.append(f"| {framing} | {label if name == 'GLEAN' else name} | {m['psnr']:.2f} | "
+                        f"{m['ssim']:.4f} | " + (f"{m['identity']:.4f} |" if "identity" in m else "- |"))
+    return "\n".join(rows) + f"\n\n({study['images']} images; no face found in {study['no_face']})\n"
+
+
+def example_figure(args, methods: dict, models: dict, size: int) -> None:
+    """--figure: the methods on public images only (the astronaut, samples of the first model's bank)."""
+    examples = [torch.from_numpy(np.asarray(example_image("astronaut"), dtype=np.float32) / 127.5 - 1)
+                .permute(2, 0, 1)]
+    examples = [imresize(examples[0], size=size)]
+    labels = ["astronaut"]
+    bank = next((m.bank for m in models.values() if m.bank is not None), None)
+    if bank is not None:
+        with torch.no_grad():
+            samples = bank.sample(3, seed=1, truncation=0.7)
+        examples += list(imresize(samples, size=size).clamp(-1, 1))
+        labels += ["bank sample"] * 3
+    shown = {k: v for k, v in methods.items() if hasattr(v, "in_size")}      # not precomputed --outputs
+    figure(shown, torch.stack(examples), args.figure, labels)
+
+
+def report(args, table: str, data: dict) -> int:
+    """Print the table; write it (--markdown) and the data (--json) atomically."""
+    print(table)
+    if args.json:
+        with atomic_write(args.json, "w") as f:
+            json.dump(_json_safe(data), f, indent=1)
+    if args.markdown:
+        with atomic_write(args.markdown, "w") as f:
+            f.write(table)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         for out in (args.json, args.markdown, args.figure):   # fail now, not after scoring every image
             if out:
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
-        models = {}
-        for spec in args.model:
-            path, _, label = spec.partition("=")
-            models[label or Path(path).stem] = zoo.load_pretrained(path)
-        size = args.gt_size or (next(iter(models.values())).cfg.out_size if models else 0)
-        if not size:
-            raise ValueError("pass --gt-size (or a --model, whose output size is used)")
-        gt, names = load_folder(args.gt, size, args.limit)
-        methods = {}
-        scale = args.scale or (next(iter(models.values())).cfg.scale if models else 0)
-        if args.bicubic:
-            if not scale:
-                raise ValueError("--bicubic needs --scale (or a --model)")
-            methods["bicubic"] = lambda y, _: imresize(imresize(y, scale=1 / scale), size=size)
-            methods["bicubic"].in_size = size // scale
-        for label, model in models.items():
-            if model.cfg.out_size != size:
-                raise ValueError(f"{label} outputs {model.cfg.out_size} px, the ground truth is {size} px")
-            methods[label] = lambda y, _, m=model: upscale(m, imresize(y, size=m.cfg.in_size))
-            methods[label].in_size = model.cfg.in_size
-        for spec in args.outputs:
-            folder, _, label = spec.partition("=")
-            imgs, found = load_folder(folder, size)
-            where = {n: i for i, n in enumerate(found)}
-            missing = [n for n in names if n not in where]
-            if missing:
-                raise ValueError(f"{folder} lacks outputs for {len(missing)} ground-truth images (e.g. {missing[0]})")
-            imgs = imgs[[where[n] for n in names]]                          # in the ground truth's order
-            methods[label or Path(folder).name] = lambda y, idx, imgs=imgs: imgs[idx]
-    except (ValueError, CheckpointError, OSError, InputError) as e:
+        if not (args.gt or args.photos or args.detections):
+            raise ValueError("pass --gt DIR (the table, --framing), --photos DIR or --detections DIR")
+        models = load_models(args.model)
+        if args.detections:
+            study = detection_study(list_images(args.detections)[:args.limit or None])
+            return report(args, detection_table(study), study)
+        identity = load_identity(args)
+        if args.photos:
+            if len(models) > 1:
+                raise ValueError("--photos takes at most one --model (none: the offline face models)")
+            files = list_images(args.photos)[:args.limit or None]
+            if not files:
+                raise InputError(f"no images found in {args.photos}")
+            study = photo_study(files, args.shrink, model=next(iter(models.values()), None), identity=identity,
+                                max_shrink=args.max_shrink or None)
+            return report(args, photo_table(study), study)
+        if args.framing:
+            if len(models) != 1 or not getattr(next(iter(models.values())), "face_template", ()):
+                raise ValueError("--framing needs exactly one face --model (one with a face template)")
+            (label, model), = models.items()
+            study = framing_study(model, list_images(args.gt)[:args.limit or None], identity)
+            return report(args, framing_table(study, label), study)
+        methods, gt, names, size = make_methods(args, models)
+    except (ValueError, CheckpointError, OSError, InputError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lpips, why = LPIPS.load(args.lpips_alexnet, args.lpips_heads)
     if lpips is None:
         print(f"note: no LPIPS: {why}", file=sys.stderr)
-    identity = None
-    if args.arcface:
-        identity = ArcFaceIdentity(args.arcface)
-    elif args.identity != "none":
-        try:
-            identity = DlibIdentity()
-        except ImportError as e:
-            if args.identity == "dlib":
-                print(f"error: identity by dlib needs pip install dlib-bin face_recognition_models ({e})",
-                      file=sys.stderr)
-                return 2
-            print("note: no identity similarity (pip install dlib-bin face_recognition_models, or --arcface)",
-                  file=sys.stderr)
-    if args.framing:
-        if len(models) != 1 or not getattr(next(iter(models.values())), "face_template", ()):
-            print("error: --framing needs exactly one face --model (one with a face template)", file=sys.stderr)
-            return 2
-        (label, model), = models.items()
-        study = framing_study(model, list_images(args.gt)[:args.limit or None], identity)
-        rows = ["| framing | method | PSNR (dB) | SSIM | identity sim. |", "| --- | --- | --- | --- | --- |"]
-        for framing, methods_ in study["results"].items():
-            for name, m in methods_.items():
-                rows.append(f"| {framing} | {label if name == 'GLEAN' else name} | {m['psnr']:.2f} | "
-                            f"{m['ssim']:.4f} | " + (f"{m['identity']:.4f} |" if "identity" in m else "- |"))
-        table = "\n".join(rows) + f"\n\n({study['images']} images; no face found in {study['no_face']})\n"
-        print(table)
-        if args.json:
-            with atomic_write(args.json, "w") as f:
-                json.dump(_json_safe(study), f, indent=1)
-        if args.markdown:
-            with atomic_write(args.markdown, "w") as f:
-                f.write(table)
-        return 0
     if args.figure:
-        examples = [torch.from_numpy(np.asarray(example_image("astronaut"), dtype=np.float32) / 127.5 - 1)
-                    .permute(2, 0, 1)]
-        examples = [imresize(examples[0], size=size)]
-        labels = ["astronaut"]
-        bank = next((m.bank for m in models.values() if m.bank is not None), None)
-        if bank is not None:
-            with torch.no_grad():
-                samples = bank.sample(3, seed=1, truncation=0.7)
-            examples += list(imresize(samples, size=size).clamp(-1, 1))
-            labels += ["bank sample"] * 3
-        shown = {k: v for k, v in methods.items() if hasattr(v, "in_size")}      # not precomputed --outputs
-        figure(shown, torch.stack(examples), args.figure, labels)
+        example_figure(args, methods, models, size)
     results = evaluate(methods, gt, lpips, identity)
-    table = markdown(results, len(gt))
-    print(table)
-    if args.json:
-        with atomic_write(args.json, "w") as f:
-            json.dump(_json_safe({"gt": str(args.gt), "gt_size": size, "images": names, "results": results}), f,
-                      indent=1)
-    if args.markdown:
-        with atomic_write(args.markdown, "w") as f:
-            f.write(table)
-    return 0
+    return report(args, markdown(results, len(gt)),
+                  {"gt": str(args.gt), "gt_size": size, "images": names, "results": results})
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ and demo.py.
 import contextlib
 import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -243,13 +244,24 @@ def _read_deep_colour(path: Path) -> np.ndarray:
     return a[..., [2, 1, 0, 3][:a.shape[2]]].astype(np.float32) / 65535.0         # BGR(A) -> RGB(A)
 
 
+def quantized(a: np.ndarray, bits: int = 8) -> np.ndarray:
+    """Array [H, W, C] in [0, 1] -> uint8 (bits 8) or uint16 (bits 16), rounded; arrays of those types as they are
+    (large results are assembled in their final type: photos.py)."""
+    if a.dtype in (np.uint8, np.uint16):
+        return a
+    return (np.clip(a, 0, 1) * (255 if bits == 8 else 65535)).round().astype(np.uint8 if bits == 8 else np.uint16)
+
+
 def to_pil(a: np.ndarray, bits: int = 8) -> Image.Image:
-    """Array [H, W, C] in [0, 1] -> PIL image (16-bit greyscale as mode I;16)."""
+    """Array [H, W, C] in [0, 1], or uint8 / uint16 -> PIL image (16-bit greyscale as mode I;16)."""
     C = a.shape[2]
-    if bits == 16 and C == 1:
-        return Image.fromarray((np.clip(a[..., 0], 0, 1) * 65535).round().astype(np.uint16))
+    b = quantized(a, bits)
+    if b.dtype == np.uint16 and C == 1:
+        return Image.fromarray(b[..., 0])
+    if b.dtype == np.uint16:
+        b = (b.astype(np.uint32) * 255 + 32767) // 65535
+        b = b.astype(np.uint8)
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[C]
-    b = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
     return Image.fromarray(b[..., 0] if C == 1 else b, mode)
 
 
@@ -259,17 +271,48 @@ def write_format(suffix: str) -> str | None:
     return fmt if fmt in Image.SAVE else None
 
 
+def _png_chunk(f, kind: bytes, data: bytes) -> None:
+    f.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+def write_png_stream(a: np.ndarray, f, rows: int = 256) -> None:
+    """An 8- or 16-bit image [H, W, C] (uint8 / uint16; C = 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA) as a PNG file,
+    compressed band by band: memory grows with a band, not with the image (Pillow first copies a large image into
+    its own 4-byte-per-pixel buffer). Every row uses PNG's Sub filter (each byte minus the one a pixel before)."""
+    H, W, C = a.shape
+    depth = 16 if a.dtype == np.uint16 else 8
+    colour = {1: 0, 2: 4, 3: 2, 4: 6}[C]
+    f.write(b"\x89PNG\r\n\x1a\n")
+    _png_chunk(f, b"IHDR", struct.pack(">IIBBBBB", W, H, depth, colour, 0, 0, 0))
+    z, bpp = zlib.compressobj(6), C * depth // 8
+    for r0 in range(0, H, rows):
+        band = a[r0:r0 + rows]
+        raw = (band.astype(">u2") if depth == 16 else band).reshape(len(band), -1).view(np.uint8)   # [h, W bpp]
+        sub = raw.copy()
+        sub[:, bpp:] -= raw[:, :-bpp]                                   # Sub filter (mod 256)
+        data = z.compress(np.concatenate([np.ones((len(band), 1), np.uint8), sub], axis=1).tobytes())
+        if data:
+            _png_chunk(f, b"IDAT", data)
+    _png_chunk(f, b"IDAT", z.flush())
+    _png_chunk(f, b"IEND", b"")
+
+
 def write_image(a: np.ndarray, path, bits: int = 8) -> None:
-    """Write atomically (temporary file, then rename). 16-bit colour goes through OpenCV (PNG or TIFF)."""
+    """Write atomically (temporary file, then rename). 16-bit colour goes through OpenCV (PNG or TIFF); uint8 and
+    uint16 arrays (photos.py's results) go to PNG band by band (write_png_stream)."""
     path = Path(path)
     fmt = write_format(path.suffix)
     if fmt is None:
         raise InputError(f"{path}: cannot write '{path.suffix}' files; choose another format with --ext (png, jpg)")
+    if fmt == "PNG" and a.dtype in (np.uint8, np.uint16):                # large results: written as they are
+        with atomic_write(path) as f:
+            write_png_stream(a, f)
+        return
     if bits == 16 and a.shape[2] >= 3:
         if fmt not in ("PNG", "TIFF"):
             raise InputError(f"{path}: 16-bit colour is kept in PNG or TIFF only; use --ext png")
         import cv2
-        b = (np.clip(a, 0, 1) * 65535).round().astype(np.uint16)[..., [2, 1, 0, 3][:a.shape[2]]]
+        b = quantized(a, 16)[..., [2, 1, 0, 3][:a.shape[2]]]
         ok, data = cv2.imencode(".png" if fmt == "PNG" else ".tif", b)
         if not ok:
             raise OSError(f"could not encode {path}")

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from PIL import Image
 
 import faces
 import glean
+import photos
 import zoo
 from glean_io import CheckpointError, one_line, remove_killed_temp
 from images import (IMAGE_EXTS, MAX_PIXELS, InputError, example_image, from_pil, imresize, merge, read_image,
@@ -227,68 +229,34 @@ def simulate(model: glean.GLEAN, a: np.ndarray, *, name: str = "image", notes: l
     return {"lr": hwc(lr), "bicubic": hwc(bicubic), "glean": hwc(sr), "reference": hwc(ref), "compare": compare}
 
 
-def better_model(face_px: float, in_size: int) -> str:
-    """The registered face model whose input size is nearest to a face of face_px pixels (the width of its input
-    frame at the model's framing), if that is another size than in_size."""
-    fits = sorted((abs(np.log2(w.config["in_size"] / face_px)), n) for n, w in zoo.WEIGHTS.items() if w.template)
-    return fits[0][1] if fits and zoo.WEIGHTS[fits[0][1]].config["in_size"] != in_size else ""
-
-
-def restore_faces(model: glean.GLEAN, a: np.ndarray, *, outscale: float = 0, only_center: bool = False,
+def restore_faces(model: glean.GLEAN | None, a: np.ndarray, *, outscale: float = 0, only_center: bool = False,
                   name: str = "image", notes: list | None = None, times: dict | None = None,
-                  found: list | None = None) -> np.ndarray:
-    """Faces in the wild (--faces): every face of the photo is aligned to the model's framing, upscaled by GLEAN,
-    warped back and blended with a feathered mask into the whole photo upscaled by bicubic (MATLAB's). The result
-    is the photo at `outscale` (default: the model's scale) times its size. `times` collects seconds per stage;
-    `found` are the photo's faces if they were detected already (faces.Detector.detect)."""
-    cfg, notes, times = model.cfg, notes if notes is not None else [], times if times is not None else {}
-    template = needs_template(model, "--faces")
-    s = outscale or cfg.scale
-    rgb, alpha, grey = split(a)
-    photo = rgb.permute(1, 2, 0).contiguous().numpy()
-    clock = time.perf_counter()
+                  found: list | None = None, max_shrink: float = photos.MAX_SHRINK, reports: list | None = None,
+                  max_output_pixels: float = photos.MAX_OUTPUT_PIXELS, dtype=np.float32) -> np.ndarray:
+    """Faces in the wild (--faces, photos.restore_photo): the photo a [H, W, C] upscaled `outscale` times (default:
+    4, or the given model's scale) with MATLAB bicubic, and each face whose size a model's input fits (shrunk at
+    most `max_shrink`) restored by that model and blended back under a mask of the face region; every other face
+    is left as the bicubic upscale. model=None picks, per face, among the face models available offline; a model
+    is used for every face that fits it. Returns the image (float32 in [0, 1]); what happened to each face is
+    appended to `reports` (photos.FaceReport), and the notes (faces left alone, detections rejected) to `notes` -
+    or, when `notes` is None, emitted as photos.Note warnings. `times` collects seconds per stage; `found`: the
+    photo's detections if made already. dtype=np.uint8 / np.uint16: the image as a file of 8 / 16 bits holds it
+    (the command line: a large result never exists in float)."""
+    r = photos.restore_photo(a, model=model, outscale=outscale, max_shrink=max_shrink, only_center=only_center,
+                             found=found, name=name, times=times, max_output_pixels=max_output_pixels, dtype=dtype)
+    if reports is not None:
+        reports += r.faces
+    emit(r.notes, notes)
+    return r.image
 
-    def lap(stage):
-        nonlocal clock
-        now = time.perf_counter()
-        times[stage], clock = times.get(stage, 0.0) + now - clock, now
 
-    if found is None:
-        found = [] if too_small(*photo.shape[:2]) else faces.load_detector().detect(photo)
-    if only_center and found:
-        centre = np.array([photo.shape[1], photo.shape[0]]) / 2
-        found = [min(found, key=lambda f: np.linalg.norm((np.array(f.box[:2]) + f.box[2:]) / 2 - centre))]
-    lap("detect")
-    crops = [faces.align(photo, f.landmarks, template, cfg.in_size) for f in found]
-    for f, (_, M) in zip(found, crops):
-        shrink = 1 / faces.scale_of(M)                                          # photo pixels per input pixel
-        if shrink > 4:
-            x, y = (np.array(f.box[:2]) + f.box[2:]) / 2
-            fit = better_model(shrink * cfg.in_size, cfg.in_size)
-            notes.append(f"{name}: the face at ({x:.0f}, {y:.0f}) is shrunk {shrink:.1f}x to fit the model's "
-                         f"{cfg.in_size}x{cfg.in_size} input, so detail is lost" + (f"; {fit} fits it better"
-                                                                                    if fit else ""))
-    lap("align")
-    out_faces = []
-    if crops:
-        x = torch.from_numpy(np.stack([c[..., :3] for c, _ in crops])).permute(0, 3, 1, 2).clamp(0, 1)
-        y = run_model(model, x)                                                 # [n, 3, out, out]
-        side = round(cfg.in_size * s)
-        y = y if side == cfg.out_size else imresize(y, size=side).clamp(0, 1)   # the faces at the final scale
-        out_faces = list(y.permute(0, 2, 3, 1).numpy())
-    lap("glean")
-    out = imresize(rgb, scale=s).clamp_(0, 1).permute(1, 2, 0).contiguous().numpy()   # [H s, W s, 3]
-    lap("background")
-    if crops:
-        faces.paste_back(out, out_faces, [faces.rescale(M, s, s) for _, M in crops], inplace=True)
-    lap("paste")
-    if not found:
-        notes.append(f"{name}: {too_small(*photo.shape[:2]) or 'no face found'}; the whole image was upscaled with "
-                     f"bicubic")
-    if alpha is None and not grey:
-        return out
-    alpha = imresize(alpha, scale=s).clamp(0, 1) if alpha is not None else None
-    return merge(torch.from_numpy(out).permute(2, 0, 1), alpha, grey)
+def emit(found: list, notes: list | None) -> None:
+    """Pass notes on: into the caller's list, or (None) as photos.Note warnings a Python user sees."""
+    if notes is not None:
+        notes += found
+        return
+    for note in found:
+        warnings.warn(note, photos.Note, stacklevel=3)
 
 
 def as_arrays(image) -> tuple:
@@ -333,9 +301,11 @@ def as_arrays(image) -> tuple:
 def upscale(model: glean.GLEAN, image, *, strict_size: bool = False, pad: bool = False):
     """Upscale with GLEAN: a PIL image, or a tensor (see as_arrays: uint8 or float [0, 1], [C, H, W] or a batch
     [B, C, H, W]). Returns a PIL image of the same kind (greyscale stays greyscale, alpha is kept, 16-bit greyscale
-    stays 16-bit), or for a batch of several a list of them."""
+    stays 16-bit), or for a batch of several a list of them. What was done to fit the model (a crop, a face
+    alignment, a result smaller than the input) is emitted as photos.Note warnings."""
     arrays, bits, single = as_arrays(image)
-    out, _ = upscale_arrays(model, arrays, strict_size=strict_size, pad=pad)
+    out, notes = upscale_arrays(model, arrays, strict_size=strict_size, pad=pad)
+    emit(notes, None)                                    # a crop, a face alignment, a result smaller than its input
     result = [to_pil(a, bits) for a in out]
     return result[0] if single else result
 
@@ -554,7 +524,8 @@ def run_cli(argv=None) -> int:
     ap.add_argument("-o", "--output", default="results", help="output folder, created if needed (default: results)")
     ap.add_argument("-m", "--model", default="", help=f"registered model ({', '.join(zoo.WEIGHTS)}) or a "
                                                        f"checkpoint file (default: {zoo.DEFAULT_MODEL})")
-    ap.add_argument("--suffix", default="_glean", help="appended to each output file name (default: _glean)")
+    ap.add_argument("--suffix", help="appended to each output file name (default: _faces with --faces, where GLEAN "
+                                     "redraws only the faces it fits; else _glean)")
     ap.add_argument("--ext", default="auto", help="output format: auto (as the input), png, jpg, webp, tif, ... "
                                                    "(default: auto)")
     ap.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
@@ -574,7 +545,14 @@ def run_cli(argv=None) -> int:
                            "and blended back")
     mode.add_argument("--retouch", action="store_true", help="Sec. 6: downsample edited HR images, super-resolve back")
     ap.add_argument("--outscale", type=float, default=0,
-                    help="with --faces: final scale of the photo, at most the model's (default: the model's scale)")
+                    help="with --faces: scale of the whole photo (default: -m's scale, else 4); faces are restored at "
+                         "their model's scale and placed at this one")
+    ap.add_argument("--max-shrink", type=float, default=photos.MAX_SHRINK,
+                    help=f"with --faces: a face goes to a model only if fitting its input shrinks it at most this "
+                         f"much; other faces stay as the bicubic upscale (default: {photos.MAX_SHRINK:g})")
+    ap.add_argument("--max-output-megapixels", type=float, default=photos.MAX_OUTPUT_PIXELS / 1e6,
+                    help=f"with --faces: refuse a result above this size before any work; 0 = no limit (default: "
+                         f"{photos.MAX_OUTPUT_PIXELS / 1e6:g})")
     ap.add_argument("--only-center-face", action="store_true", help="with --faces: restore only the centre face")
     ap.add_argument("--aligned", action="store_true",
                     help="with --faces: the inputs are already aligned face crops (no detection)")
@@ -591,8 +569,14 @@ def run_cli(argv=None) -> int:
         return error(f"unknown model '{name}': choose one of {', '.join(zoo.WEIGHTS)}, or give a checkpoint file")
     if args.mask and not args.retouch:
         return error("--mask goes with --retouch")
-    if (args.outscale or args.only_center_face or args.aligned) and not args.faces:
-        return error("--outscale, --only-center-face and --aligned go with --faces")
+    faces_flags = (args.outscale or args.only_center_face or args.aligned or args.max_shrink != photos.MAX_SHRINK or
+                   args.max_output_megapixels != photos.MAX_OUTPUT_PIXELS / 1e6)
+    if faces_flags and not args.faces:
+        return error("--outscale, --only-center-face, --aligned, --max-shrink and --max-output-megapixels go with "
+                     "--faces")
+    if args.max_shrink < 1 or args.max_output_megapixels < 0:
+        return error(f"--max-shrink must be >= 1 (got {args.max_shrink:g}) and --max-output-megapixels >= 0 "
+                     f"(got {args.max_output_megapixels:g})")
     if args.outscale < 0:
         return error(f"--outscale must be positive, got {args.outscale:g}")
     if args.batch < 1:
@@ -602,6 +586,8 @@ def run_cli(argv=None) -> int:
     if args.ext != "auto" and write_format("." + args.ext.lstrip(".")) is None:
         return error(f"--ext {args.ext}: not a format that can be written; use png, jpg, webp, tif or bmp")
     max_pixels = round(args.max_megapixels * 1e6)
+    if args.suffix is None:
+        args.suffix = "_faces" if args.faces and not args.aligned else "_glean"
     outdir = Path(args.output)
     try:
         cleaned = prepare_output(outdir, started)
@@ -613,12 +599,11 @@ def run_cli(argv=None) -> int:
         print(f"error: {one_line(p)}", file=sys.stderr)
     try:
         dev = pick_device(args.device)
-        model = load_model(name, str(dev), half=dev.type == "cuda" and not args.fp32)
+        auto = args.faces and not args.aligned and not args.model        # --faces: a model per face (photos.py)
+        model = None if auto else load_model(name, str(dev), half=dev.type == "cuda" and not args.fp32)
         mask = read_image(args.mask, max_pixels=max_pixels)[0] if args.mask else None
-        if args.faces and not args.aligned:
+        if args.faces and not args.aligned and model is not None:
             needs_template(model, "--faces")
-        if args.outscale > model.cfg.scale:
-            raise InputError(f"--outscale {args.outscale:g} is above the model's scale ({model.cfg.scale}x)")
     except (CheckpointError, InputError, ValueError) as e:
         return error(str(e))
     from tqdm import tqdm
@@ -651,6 +636,9 @@ def run_cli(argv=None) -> int:
                     outs = {args.suffix: upscale_arrays(model, [a], names=[str(src)], align_faces=False)[0][0]}
                 elif args.faces:
                     outs = {args.suffix: restore_faces(model, a, outscale=args.outscale, name=str(src), notes=notes,
+                                                       max_shrink=args.max_shrink,
+                                                       max_output_pixels=args.max_output_megapixels * 1e6,
+                                                       dtype=np.uint16 if bits == 16 else np.uint8,
                                                        only_center=args.only_center_face)}
                 else:
                     r = simulate(model, a, name=str(src), notes=notes)

@@ -62,7 +62,8 @@ class TrainConfig:
     scale: int = 0                   # out_size / in_size
     model: dict = field(default_factory=dict)   # GLEANConfig / GeneratorConfig overrides (widths, ablations)
     bank: str = ""                   # GLEAN: pretrained StyleGAN2 (registered name, or a file of any known format)
-    init: str = ""                   # GLEAN: start from a trained GLEAN (registered name or file; its config + bank)
+    init: str = ""                   # GLEAN: start from a trained GLEAN (registered name or file; its config + bank);
+                                     # bank stage: from a StyleGAN2 generator of the same widths, maybe smaller
     crop: tuple = ()                 # (left, top, size): square box of the training images (default: centre square)
     crop_jitter: float = 0.0         # random shift (fraction of size) and scale (1 +- it) of that box per image
     disc: str = ""                   # discriminator init: "" = from the bank file if it has one, "none", or a file
@@ -189,9 +190,9 @@ def resolve(cfg: TrainConfig, given: dict | None = None) -> TrainConfig:
         raise UserError(f"--crop LEFT TOP SIZE needs LEFT, TOP >= 0 and SIZE > 0, got {' '.join(map(str, cfg.crop))}")
     if not 0 <= cfg.crop_jitter < 0.5:
         raise UserError(f"--crop-jitter is a fraction of the box, 0 <= it < 0.5 (e.g. 0.05), got {cfg.crop_jitter}")
-    if cfg.init:
-        if cfg.stage != "glean":
-            raise UserError("--init starts GLEAN training from a trained GLEAN; the bank stage has no --init")
+    if cfg.init and cfg.stage == "bank":
+        take_init_bank_config(cfg)
+    elif cfg.init:
         if cfg.model or cfg.bank:
             raise UserError("--init takes the model config and the latent bank from its file; "
                             "drop --model / --fig7 / --bank")
@@ -212,6 +213,37 @@ def resolve(cfg: TrainConfig, given: dict | None = None) -> TrainConfig:
 
 
 BANK_FIELDS = ("style_channels", "num_mlps", "channel_multiplier", "channel_base", "lr_mlp", "blur_kernel")
+
+
+def take_init_bank_config(cfg: TrainConfig) -> None:
+    """Bank stage --init: the widths come from the generator to start from; its out_size may be smaller (the bank
+    grows: its layers are copied, the new, finer ones start from scratch), never larger."""
+    try:
+        src = zoo.load_bank(cfg.init, progress=False).cfg
+    except (CheckpointError, ValueError) as e:
+        raise UserError(f"--init {cfg.init}: {e}") from e
+    widths = {k: getattr(src, k) for k in BANK_FIELDS}
+    clash = {k: v for k, v in cfg.model.items() if k in widths and v != widths[k]}
+    if clash:
+        raise UserError(f"--init {cfg.init} has {', '.join(f'{k}={widths[k]}' for k in clash)}; drop those from "
+                        f"--model (the widths come from the generator it starts from)")
+    if cfg.out_size and cfg.out_size < src.out_size:
+        raise UserError(f"--init {cfg.init} makes {src.out_size} px images; --out-size {cfg.out_size} is smaller")
+    cfg.out_size = cfg.out_size or src.out_size
+    cfg.model = {**cfg.model, **{k: list(v) if isinstance(v, tuple) else v for k, v in widths.items()}}
+
+
+def grow_from(G: stylegan2.Generator, init: str) -> str:
+    """Copy the generator of file `init` into G, layer by layer (same names and shapes); G's layers beyond the
+    source's resolution keep their fresh initialisation. Returns a line saying what was copied."""
+    src = zoo.load_bank(init, progress=False).state_dict()
+    dst = G.state_dict()
+    wrong = [k for k, v in src.items() if k not in dst or dst[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"--init {init}: its layer {wrong[0]} does not fit the bank being trained")
+    G.load_state_dict({**dst, **src})
+    return (f"bank: {len(src)} of {len(dst)} tensors from {init}; the {len(dst) - len(src)} others (the finer "
+            f"resolutions) start from scratch")
 
 
 def take_bank_config(cfg: TrainConfig) -> None:
@@ -1089,6 +1121,10 @@ def train_bank(cfg: TrainConfig, env: Env, state: dict | None) -> None:
         in_size=cfg.out_size, channel_multiplier=gcfg.channel_multiplier, channel_base=gcfg.channel_base,
         mbstd_group_size=mbstd_group(micro_batch(cfg, env)))).to(env.device)
     G_ema = stylegan2.Generator(gcfg).to(env.device).eval().requires_grad_(False)
+    if cfg.init and state is None:                   # start from a trained generator, maybe of fewer resolutions
+        note = grow_from(G, cfg.init)
+        if env.main:
+            print(note)
     G_ema.load_state_dict(G.state_dict())
     c = cfg.reg_every / (cfg.reg_every + 1)  # lazy regularisation: rescale D's optimiser (StyleGAN2, App. B)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=cfg.betas)
@@ -1249,7 +1285,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disc", help='discriminator to start from: a file, or "none" for a random init (default: from '
                                   "--init's file, else the bank file, when they have one)")
     g.add_argument("--init", help="fine-tune: start from a trained GLEAN (file or registered name) with its config "
-                                  "and bank (default: none)")
+                                  "and bank; bank stage: from a StyleGAN2 generator with the same widths and the same "
+                                  "or a smaller out_size (its layers copied, finer ones new) (default: none)")
     g.add_argument("--crop", type=int, nargs=3, metavar=("LEFT", "TOP", "SIZE"),
                    help="square box of the training images to use (default: the centre square)")
     g.add_argument("--crop-jitter", type=float,

@@ -166,6 +166,7 @@ def load_pretrained(name_or_path, *, fast: bool = True, progress: bool = True) -
     The model's `face_template` attribute tells infer.py how to frame faces for it (see face_template)."""
     model = _load(name_or_path, glean_fast.GLEANFast if fast else glean.GLEAN, progress)
     model.face_template = face_template(name_or_path, model.cfg)
+    model.name = str(name_or_path)                 # what infer.py --faces notes name it by
     return model
 
 

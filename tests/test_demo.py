@@ -23,12 +23,12 @@ def test_import_is_light_and_handlers_work(model_file, tmp_path):
     assert demo._models == {}                                   # nothing loaded at import
     face = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
     face.save(tmp_path / "face.png")
-    (before, after), strip, png, info = demo.upscale(str(tmp_path / "face.png"), str(model_file))
+    (before, after), strip, png = demo.upscale(str(tmp_path / "face.png"), str(model_file))
     assert before.size == after.size == (32, 32) and Image.open(png).size == (32, 32)   # degrade and restore
     assert strip.size == (4 * 128, 128 + 18)                        # LR the model saw, bicubic, GLEAN, original
     assert Path(png).name.startswith("face_glean") and Path(png).parent == demo.outbox()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "small.png")
-    (before, after), strip, png, info = demo.upscale(str(tmp_path / "small.png"), str(model_file))
+    (before, after), strip, png = demo.upscale(str(tmp_path / "small.png"), str(model_file))
     assert after.size == (32, 32) and strip is None                   # the model's input size: upscaled as it is
     assert oct(demo.outbox().stat().st_mode & 0o777) == "0o700"         # private: not a predictable shared folder
     edited = {"background": face, "layers": [Image.new("RGBA", face.size)], "composite": face}
@@ -157,9 +157,14 @@ def test_photo_tab_marks_faces_and_returns_the_whole_photo_at_full_size(tmp_path
     import faces
     scene, placed = faces.face_scene()
     Image.fromarray((scene * 255).round().astype(np.uint8)).save(tmp_path / "group.png")
-    marked, restored, png, info = demo.photo(str(tmp_path / "group.png"), "glean_face_small_8x", 2)
-    assert marked.size == (640, 480) and restored.size == (1280, 960)
-    assert Image.open(png).size == (1280, 960) and info.startswith(f"{len(placed)} face(s) found")
+    marked, restored, png, info = demo.photo(str(tmp_path / "group.png"), demo.AUTO, 2)
+    assert marked.size == (640, 480) and restored.size == (1280, 960) and Image.open(png).size == (1280, 960)
+    lines = info.splitlines()
+    assert lines[0].startswith("The photo upscaled 2.00x") and f"of {len(placed)} detection(s)" in lines[0]
+    assert sum(line[0].isdigit() for line in lines) == len(placed)                # one line per face, numbered
+    assert all("left as the bicubic upscale" in line for line in lines if line[0].isdigit())   # no model fits
+    marks = np.asarray(marked).astype(int) - np.asarray(Image.open(tmp_path / "group.png")).astype(int)
+    assert np.abs(marks).sum() > 0                                                # the faces are marked
     with pytest.raises(gr.Error, match="not a face model"):
         demo.photo(str(tmp_path / "group.png"), "glean_cat_8x", 2)
 

@@ -90,3 +90,43 @@ def test_command_line(tmp_path, capsys):
     assert r["plus5"]["mean"]["psnr"] > 30 and "| tiny |" in md.read_text()
     assert evaluate.main(["--gt", str(gt_dir), "--gt-size", "32", "--outputs", str(tmp_path / "nothing_here")]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+def centred_face(tmp_path, n=2):
+    """Photos with the public-domain astronaut's face at their centre (as LFW's labelled faces are)."""
+    from skimage import data
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    a = data.astronaut()[0:220, 115:335]
+    for i in range(n):
+        Image.fromarray(a).save(folder / f"astro{i}.png")
+    return folder
+
+
+def test_detections_find_the_faces_and_take_no_false_ones(tmp_path):
+    pytest.importorskip("skimage")
+    study = evaluate.detection_study(sorted(centred_face(tmp_path).iterdir()))
+    for k, (n, found, kept) in study["recall"].items():
+        assert n == 2 and (kept == 2 or k == 8), (k, found, kept)            # the face, down to 27 px photos
+    (n, found, kept), (n_tex, _, kept_tex) = study["false"]["face-free pictures"], study["false"][
+        "textures (photo strips)"]
+    assert n >= 80 and found >= 1 and kept == 0                          # MTCNN errs, photos.plausible does not
+    assert n_tex == 6 and kept_tex == 0
+    table = evaluate.detection_table(study)
+    assert "| face-free pictures: false faces | " in table and table.count("\n") == 8
+
+
+def test_photo_benchmark_scores_face_regions_against_bicubic(tmp_path):
+    pytest.importorskip("skimage")
+    folder = centred_face(tmp_path, 1)
+    out = tmp_path / "photos.json"
+    assert evaluate.main(["--photos", str(folder), "--shrink", "8", "--identity", "none", "--json", str(out)]) == 0
+    study = json.loads(out.read_text())
+    (row,) = study["faces"]
+    assert row["photo"] == "astro0.png" and row["psnr_bicubic"] > 20
+    if not row["restored"]:                        # no offline model fits: the face is the bicubic one, exactly
+        assert row["psnr_faces"] == row["psnr_bicubic"] and study["totals"]["harmed"] == 0
+    else:
+        assert row["psnr_faces"] > row["psnr_bicubic"]
+    assert evaluate.main(["--photos", str(folder), "--model", "glean_face_small_8x", "--model",
+                          "glean_face_small_8x=again"]) == 2                      # one model at most

@@ -7,9 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
+from types import SimpleNamespace
+
 import faces
 import images
 import infer
+import photos
+import zoo
 
 pytest.importorskip("skimage")
 from skimage import data  # noqa: E402
@@ -82,54 +86,180 @@ def test_a_photo_without_a_face_is_one_line_and_the_run_goes_on(astronaut, tmp_p
     assert code == 0 and "coffee.png: no face found; the whole image was upscaled with bicubic" in err
 
 
-def scene_masks(model, scene, scale):
-    """The feathered masks of the faces restore_faces pastes, at the output's resolution."""
-    found = faces.load_detector().detect(scene)
-    template = infer.face_template(model)
-    Ms = [faces.align(scene, f.landmarks, template, model.cfg.in_size)[1] for f in found]
-    shape = (round(scene.shape[0] * scale), round(scene.shape[1] * scale))
-    return found, [faces.face_mask(shape, faces.rescale(M, scale, scale), round(model.cfg.in_size * scale))
-                   for M in Ms]
+class BicubicFace(torch.nn.Module):
+    """A stand-in face model whose "restoration" is MATLAB bicubic plus `lift` (in [0, 1] units): a face pasted at
+    the right place and size matches the bicubic background lifted by `lift`; a misplaced or mis-sized one does not."""
+
+    def __init__(self, in_size=32, out_size=128, lift=0.0, template=zoo.TIGHT):
+        super().__init__()
+        self.cfg = SimpleNamespace(in_size=in_size, out_size=out_size, scale=out_size // in_size)
+        self.face_template, self.name, self.lift = template, f"bicubic{in_size}", lift
+        self.anchor = torch.nn.Parameter(torch.zeros(()))                    # a device and dtype to follow
+
+    def forward(self, x):
+        return images.imresize(x, size=self.cfg.out_size) + 2 * self.lift + self.anchor
 
 
-def test_faces_paste_back_every_face_and_leave_the_rest_bicubic(model):
-    scene, placed = faces.face_scene()                                     # 640x480, 5 faces of 20-61 px
-    times = {}
-    out = infer.restore_faces(model, scene, times=times, outscale=3)
-    assert out.shape == (480 * 3, 640 * 3, 3) and set(times) == {"detect", "align", "glean", "background", "paste"}
-    background = images.imresize(torch.from_numpy(scene).permute(2, 0, 1), scale=3).clamp(0, 1)
-    background = background.permute(1, 2, 0).numpy()
-    found, masks = scene_masks(model, scene, 3)
-    assert len(found) == len(placed) == 5
-    outside = np.max(masks, axis=0) == 0
-    assert np.array_equal(out[outside], background[outside])              # bit for bit outside the faces
-    for m in masks:
-        assert np.abs(out[m > 0.9] - background[m > 0.9]).mean() > 0.01   # each face was redrawn
+def background(a: np.ndarray, s: float) -> np.ndarray:
+    return images.imresize(torch.from_numpy(a).permute(2, 0, 1), scale=s).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def test_faces_options_outscale_only_center_alpha_and_grey(model):
+def face_masks(a: np.ndarray, s: float, model) -> tuple:
+    """The detected faces of a and the masks photos.py blends them with at scale s."""
+    found = [f for f in faces.load_detector().detect(a, min_face=photos.MIN_FACE) if not photos.plausible(f)]
+    shape = (int(np.ceil(a.shape[0] * s)), int(np.ceil(a.shape[1] * s)))
+    masks = []
+    for f in found:
+        m = np.zeros(shape, np.float32)
+        x0, y0, x1, y1 = photos.region_box(f.landmarks * s, shape)
+        m[y0:y1, x0:x1] = photos.face_region(f.landmarks * s, shape, (x0, y0, x1, y1)).numpy()
+        masks.append(m)
+    return found, masks
+
+
+@pytest.fixture(scope="module")
+def small_scene() -> np.ndarray:
+    """faces.face_scene shrunk 4x: 160x120 with faces of about 10-32 px, the sizes real low-resolution photos hold."""
     scene, _ = faces.face_scene()
-    out = infer.restore_faces(model, scene, outscale=4, only_center=True)
-    assert out.shape == (480 * 4, 640 * 4, 3)
-    background = images.imresize(torch.from_numpy(scene).permute(2, 0, 1), scale=4).clamp(0, 1).permute(1, 2, 0)
-    changed = np.abs(out - background.numpy()).max(axis=2) > 0
-    found, masks = scene_masks(model, scene, 4)
-    redrawn = [m for m in masks if changed[m > 0.9].mean() > 0.5]
-    assert len(found) == 5 and len(redrawn) == 1                          # only the centre face
-    rgba = np.dstack([scene, np.linspace(0, 1, scene.shape[1], dtype=np.float32)[None].repeat(480, 0)])
-    out = infer.restore_faces(model, rgba, outscale=2)
-    assert out.shape == (960, 1280, 4) and abs(out[..., 3].mean() - 0.5) < 0.01
-    grey = infer.restore_faces(model, scene.mean(axis=2, keepdims=True), outscale=2)
-    assert grey.shape == (960, 1280, 1)
+    return background(scene, 0.25)
 
 
-def test_faces_touching_the_border(model, astronaut):
-    cut = np.ascontiguousarray(astronaut[60:260, 200:330])                 # the face cut by the left and top edges
+def test_a_face_no_model_fits_is_left_as_the_background_bit_for_bit(model):
+    scene, placed = faces.face_scene()                                     # faces of 20-61 px: 8 px input too small
+    reports, notes = [], []
+    out = infer.restore_faces(model, scene, outscale=3, reports=reports, notes=notes)
+    assert len(reports) == len(placed) == 5 and not any(r.restored for r in reports)
+    assert np.array_equal(out, photos.restore_photo(scene, model=model, outscale=3, found=[]).image)
+    np.testing.assert_allclose(out, background(scene, 3), atol=2e-6, rtol=0)
+    assert any("5 face(s) left as the bicubic upscale, not restored" in n and "would fit" in n for n in notes)
+    assert not any("restored (" in n for n in notes)
+
+
+def test_each_face_goes_to_the_model_whose_input_fits_it(small_scene):
+    found = [f for f in faces.load_detector().detect(small_scene, min_face=12) if not photos.plausible(f)]
+    assert len(found) >= 4                                                  # the 10 px face is at MTCNN's limit
+    small, large = photos.FaceModel("in16", 16, 128, zoo.TIGHT), photos.FaceModel("in32", 32, 128, zoo.TIGHT)
+    for f in found:
+        s16, s32 = photos.shrink_for(f.landmarks, small), photos.shrink_for(f.landmarks, large)
+        assert s16 == pytest.approx(2 * s32)
+        m, s = photos.choose(f.landmarks, [small, large], max_shrink=1.25)
+        expected = large if s32 <= 1.25 and s16 > 1.25 else small if s16 <= 1.25 else None if s32 > 1.25 else large
+        assert m == expected and (m is None or s <= 1.25)
+        assert photos.choose(f.landmarks, [small, large], max_shrink=100)[0] == small   # least enlargement
+
+
+@pytest.mark.parametrize("s", [1, 2, 4, 8])
+def test_faces_are_restored_at_the_model_scale_and_placed_at_any_outscale(small_scene, s):
+    lift = BicubicFace(32, 128, lift=0.15)
+    reports = []
+    out = infer.restore_faces(lift, small_scene, outscale=s, reports=reports, notes=[], max_shrink=2.5)
+    assert out.shape == (120 * s, 160 * s, 3)
+    restored = [r for r in reports if r.restored]
+    assert restored and all(r.model == "bicubic32" for r in restored)
+    bg = background(small_scene, s)
+    found, masks = face_masks(small_scene, s, lift)
+    for f, m in zip(found, masks):
+        inner = m > 0.99
+        if not inner.any():
+            continue
+        diff = (out - bg)[inner]
+        # the face lands where it belongs, at the right size: the bicubic face, lifted (not clipped), on top of
+        # the bicubic background; a misplaced or mis-scaled face would differ by the picture's own contrast
+        unclipped = (bg[inner] < 0.8)
+        assert abs(np.median(diff[unclipped]) - 0.15) < 0.03, (s, np.median(diff[unclipped]))
+    outside = np.max(masks, axis=0) == 0
+    assert np.array_equal(out[outside], bg[outside]) or np.abs(out[outside] - bg[outside]).max() < 2e-6
+
+
+def test_only_the_face_region_is_pasted_not_the_square(small_scene):
+    lift = BicubicFace(32, 128, lift=0.3)
+    out = infer.restore_faces(lift, small_scene, outscale=4, notes=[], max_shrink=2.5)
+    bg = background(small_scene, 4)
+    found, masks = face_masks(small_scene, 4, lift)
+    outside = np.max(masks, axis=0) == 0
+    np.testing.assert_allclose(out[outside], bg[outside], atol=2e-6, rtol=0)
+    f = found[0]
+    M = faces.similarity_transform(f.landmarks * 4, np.asarray(zoo.TIGHT) * 128)     # output -> the 128 px square
+    corners = faces.apply(faces.invert(M), [[6, 6], [122, 6], [6, 122], [122, 122]])   # inside the square ...
+    for x, y in corners.round().astype(int):
+        if 0 <= y < out.shape[0] and 0 <= x < out.shape[1]:
+            assert masks[0][y, x] == 0 and np.array_equal(out[y, x], bg[y, x])      # ... but not the face
+
+
+def test_overlapping_faces_blend_without_seams():
+    bg = torch.full((3, 60, 60), 0.5)
+    lm = np.array([[22.0, 24], [38, 24], [30, 32], [24, 40], [36, 40]])             # a face, 16 px eye distance
+    pastes = []
+    for value, dx in ((0.1, 0), (0.9, 6)):
+        M = faces.similarity_transform(lm + [dx, 0], np.asarray(zoo.TIGHT) * 64)
+        pastes.append(photos.warp_into(torch.full((3, 64, 64), value), M, lm + [dx, 0], (0, 0, 60, 60)))
+    out = photos.blend_band(bg.clone(), pastes, 0)[0]
+    both = (pastes[0].mask > 0.5) & (pastes[1].mask > 0.5)
+    assert both.sum() > 100 and out.min() >= 0.1 - 1e-6 and out.max() <= 0.9 + 1e-6   # convex combinations
+    assert (out[:, 1:] - out[:, :-1]).abs().max() < 0.2                             # no step (seam) anywhere
+    assert (out[1:] - out[:-1]).abs().max() < 0.2
+
+
+def test_grey_photos_get_grey_faces(small_scene):
+    lift = BicubicFace(32, 128, lift=0.1)
+    grey = small_scene.mean(axis=2, keepdims=True)
+    out = infer.restore_faces(lift, grey, outscale=2, notes=[], max_shrink=2.5)
+    assert out.shape == (240, 320, 1)
+    rgb = np.repeat(grey, 3, axis=2)                                                 # RGB with equal channels
+    out = infer.restore_faces(BicubicFace(32, 128, lift=0.1), rgb, outscale=2, notes=[], max_shrink=2.5)
+    assert out.shape == (240, 320, 3) and np.array_equal(out[..., 0], out[..., 1]) and \
+        np.array_equal(out[..., 1], out[..., 2]) and np.abs(out - background(rgb, 2)).max() > 0.05
+
+
+def test_alpha_and_only_center(small_scene):
+    rgba = np.dstack([small_scene, np.linspace(0, 1, 160, dtype=np.float32)[None].repeat(120, 0)])
+    out = infer.restore_faces(BicubicFace(32, 128, lift=0.2), rgba, outscale=2, notes=[], max_shrink=2.5)
+    assert out.shape == (240, 320, 4)
+    np.testing.assert_allclose(out[..., 3], background(rgba, 2)[..., 3], atol=2e-6)   # alpha: the background's
+    reports = []
+    infer.restore_faces(BicubicFace(32, 128), small_scene, outscale=2, notes=[], max_shrink=2.5, only_center=True,
+                        reports=reports)
+    assert len([r for r in reports if r.restored]) == 1
+
+
+@pytest.mark.parametrize("s", [4, 2.5])
+def test_banded_background_and_paste_equal_the_one_shot_result(small_scene, monkeypatch, s):
+    lift = BicubicFace(32, 128, lift=0.2)
+    whole = photos.restore_photo(small_scene, model=lift, outscale=s, max_shrink=2.5).image
+    monkeypatch.setattr(photos, "BAND_VALUES", 3 * 160 * 4 * 7)                      # bands of 7 output rows
+    banded = photos.restore_photo(small_scene, model=lift, outscale=s, max_shrink=2.5).image
+    if s == int(s):
+        assert np.array_equal(banded, whole)
+    else:
+        np.testing.assert_allclose(banded, whole, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(whole, photos.restore_photo(small_scene, model=lift, outscale=s, max_shrink=2.5,
+                                                           dtype=np.uint8).image / 255, atol=0.5 / 255 + 1e-6)
+
+
+def test_photo_size_limits_are_checked_first(monkeypatch):
+    monkeypatch.setattr(faces, "load_detector", lambda *a: pytest.fail("nothing may run before the size check"))
+    with pytest.raises(images.InputError, match="above the limit of 1 million"):
+        photos.restore_photo(np.zeros((600, 600, 3), np.float32), outscale=2, max_output_pixels=1e6)
     notes = []
-    out = infer.restore_faces(model, cut, notes=notes)
-    assert out.shape == (200 * 8, 130 * 8, 3) and not any("no face" in n for n in notes)
-    background = images.imresize(torch.from_numpy(cut).permute(2, 0, 1), scale=8).clamp(0, 1).permute(1, 2, 0)
-    assert np.abs(out - background.numpy()).max() > 0.1                    # the face was restored
+    monkeypatch.undo()
+    out = infer.restore_faces(None, np.full((1, 2000, 3), 0.5, np.float32), outscale=4, notes=notes)
+    assert out.shape == (4, 8000, 3) and any("smaller than the face detector's 12 px window" in n for n in notes)
+
+
+def test_python_users_see_the_notes(model, astronaut):
+    with pytest.warns(photos.Note, match="left as the bicubic upscale"):
+        infer.restore_faces(model, astronaut, outscale=1)
+    with pytest.warns(photos.Note, match="aligned to the model's 8x8 framing"):
+        infer.upscale(model, images.to_pil(astronaut))
+
+
+def test_faces_touching_the_border(astronaut):
+    cut = background(np.ascontiguousarray(astronaut[60:260, 200:330]), 0.25)   # the face cut by the left and top
+    reports = []
+    out = infer.restore_faces(BicubicFace(32, 128, lift=0.2), cut, outscale=4, reports=reports, notes=[],
+                              max_shrink=2.5)
+    assert out.shape == (200, 132, 3) and [r.restored for r in reports] == [True]
+    assert np.abs(out - background(cut, 4)).max() > 0.1                    # the face was restored
 
 
 def test_default_mode_aligns_the_face_and_says_the_result_is_smaller(model, astronaut):
@@ -157,10 +287,12 @@ def test_face_flags_need_a_face_model_and_sane_values(tmp_path, capsys):
     glean.GLEAN(tiny_cfg(8, 32)).save(tmp_path / "tiny.safetensors")
     x = save(np.zeros((8, 8, 3), np.float32), tmp_path / "x.png")
     for args, message in ((["--faces", "-m", tmp_path / "tiny.safetensors"], "needs a face model"),
-                          (["--faces", "--outscale", "16"], "above the model's scale"),
+                          (["--faces", "--max-shrink", "0.5"], "--max-shrink must be >= 1"),
+                          (["--faces", "--outscale", "100", "--max-output-megapixels", "0.5"], "above the limit"),
+                          (["--max-shrink", "2"], "go with --faces"),
                           (["--outscale", "2"], "go with --faces")):
         code, err = run(["-i", x, "-o", tmp_path / "o", *args], capsys)
-        assert code == 2 and message in err
+        assert code in (1, 2) and message in err and len(err.strip().splitlines()) <= 2, err
 
 
 def test_simulate_recovers_the_framing_a_centre_crop_loses(model, tmp_path):

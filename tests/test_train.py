@@ -856,3 +856,24 @@ def test_bank_file_sets_the_bank_fields_and_init_takes_official_files(images, ba
                        "--batch", "2", "--workers", "0", "--iters", "1", "--no-tensorboard",
                        "--out", str(tmp_path / "d")]) == 0
     assert glean.GLEAN.load(tmp_path / "d" / "glean.safetensors").cfg.in_size == 16
+
+
+def test_bank_stage_grows_from_a_smaller_bank(images, bank32, tmp_path, capsys):
+    """--stage bank --init: a 64 px bank starts from a trained 32 px one (every layer copied, the 64 px ones new)."""
+    import stylegan2
+    run = tmp_path / "grown"
+    assert train.main(["--stage", "bank", "--data", str(images), "--out-size", "64", "--init", str(bank32),
+                       "--iters", "1", "--batch", "4", "--lr", "0", "--workers", "0", "--out", str(run),
+                       "--no-tensorboard"]) == 0
+    assert "tensors from" in capsys.readouterr().out
+    small, grown = stylegan2.load_generator(bank32).state_dict(), stylegan2.load_generator(run / "bank.safetensors")
+    assert grown.cfg.out_size == 64 and grown.cfg.channel_base == stylegan2.load_generator(bank32).cfg.channel_base
+    big = grown.state_dict()
+    assert all(torch.equal(big[k], v) for k, v in small.items())              # lr 0: exactly the copied layers
+    assert len(big) > len(small)
+    p = run_cli(["--stage", "bank", "--data", str(images), "--out-size", "16", "--init", str(bank32), "--iters", "1",
+                 "--out", str(tmp_path / "r3")])
+    assert p.returncode == 2 and "is smaller" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = run_cli(["--stage", "bank", "--data", str(images), "--out-size", "64", "--init", str(bank32), "--model",
+                 '{"channel_base": 7}', "--iters", "1", "--out", str(tmp_path / "r4")])
+    assert p.returncode == 2 and "channel_base" in p.stderr
