@@ -129,7 +129,7 @@ Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(d + "/wa
 for mode in ([], ["--faces"]):                        # warm up: model, detector, first forward pass
     infer.main(["-i", d + "/warm.png", "-o", d + "/warm", "-m", "glean_face_small_8x"] + mode)
 base = rss()
-for mode in ([], ["--pad"], ["--simulate"], ["--faces"]):
+for mode in ([], ["--pad"], ["--simulate"], ["--faces"], ["--faces", "--outscale", "2.5"]):
     code = infer.main(["-i", d + "/wide.png", d + "/tall.png", d + "/wide_alpha.png", "-o", d + "/out" + "".join(mode),
                        "-m", "glean_face_small_8x"] + mode)
     print("RESULT", mode, code, round(rss() - base))
@@ -137,9 +137,9 @@ for mode in ([], ["--pad"], ["--simulate"], ["--faces"]):
 
 
 def test_extreme_aspect_ratios_in_every_mode_in_bounded_memory(tmp_path):
-    """20000x1 and 1x20000 images (and 9000x2 with alpha) in the default mode, --pad, --simulate and --faces: each
-    gives its result or one line, in tens of MB (dense resize matrices took 25.6 GB with --faces, a padded square
-    5.3 GB with --pad). Peak memory measured in a fresh process (ru_maxrss) after a warm-up."""
+    """20000x1 and 1x20000 images (and 9000x2 with alpha) in the default mode, --pad, --simulate and --faces (at 8x
+    and 2.5x): each gives its result or one line, in tens of MB (dense resize matrices took 25.6 GB with --faces, a
+    padded square 5.3 GB with --pad). Peak memory measured in a fresh process (ru_maxrss) after a warm-up."""
     r = subprocess.run([sys.executable, "-c", PEAK.format(root=str(ROOT), tmp=str(tmp_path))], capture_output=True,
                        text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -151,14 +151,17 @@ def test_extreme_aspect_ratios_in_every_mode_in_bounded_memory(tmp_path):
         assert code == ("1" if "simulate" in mode else "0"), (mode, r.stderr)
     for name in ("wide", "tall", "wide_alpha"):
         assert r.stderr.count(f"error: {tmp_path}/{name}.png: ") == 1     # --simulate: no face in a 1 px strip
-        for out in ("out", "out--pad", "out--faces"):
-            with Image.open(tmp_path / out / f"{name}_glean.png") as im:
+        for out in ("out/{}_glean", "out--pad/{}_glean", "out--faces/{}_faces"):
+            with Image.open(tmp_path / f"{out.format(name)}.png") as im:
                 assert min(im.size) >= 1
-    with Image.open(tmp_path / "out--faces" / "wide_glean.png") as im:
+    with Image.open(tmp_path / "out--faces" / "wide_faces.png") as im:
         assert im.size == (160000, 8)                                       # the whole photo, 8x
+    with Image.open(tmp_path / "out--faces--outscale2.5" / "tall_faces.png") as im:
+        assert im.size == (3, 50000)
     with Image.open(tmp_path / "out--pad" / "wide_glean.png") as im:
         assert im.size == (64, 1)                                           # the frame's aspect, at least 1 px
-    assert "20000x1 is too small to search for a face (a side under 12 px)" in r.stderr
+    assert "20000x1 is too small to search for a face (a side under 12 px)" in r.stderr        # default, --simulate
+    assert "20000x1 is smaller than the face detector's" in r.stderr                            # --faces (photos.py)
 
 
 # -- folders: links, FIFOs, unreadable folders, outputs inside inputs --------------------------------------------
