@@ -10,6 +10,8 @@ and demo.py.
 """
 import contextlib
 import math
+import os
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -175,6 +177,8 @@ def open_image(path):
     """Image.open of a file, without Pillow's process-wide "decompression bomb" limit: callers check their own limit
     per call from the header (im.size) before decoding anything. Formats are recognised as Image.open does: each
     registered opener whose check accepts the first 16 bytes, common formats first, then every plugin."""
+    if not stat.S_ISREG(os.stat(path).st_mode):                             # a FIFO would block, a device never end
+        raise OSError("not a regular file: a FIFO, a device or a folder")
     with open(path, "rb") as fp:
         prefix, im = fp.read(16), None
         for register in (Image.preinit, Image.init):

@@ -394,7 +394,10 @@ def kind_of(p: Path) -> str:
     except OSError:
         return ""
     if stat.S_ISLNK(mode):
-        return f"a broken link (to {os.readlink(p)})"
+        try:
+            mode = p.stat().st_mode                                          # what the link points to
+        except OSError:
+            return f"a broken link (to {os.readlink(p)})"
     return ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
             "a device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "not a regular file")
 

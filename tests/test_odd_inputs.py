@@ -179,6 +179,7 @@ def test_links_fifos_and_unreadable_folders_are_named_one_line_each(model_file, 
     (src / "folder_link").symlink_to(src / "real", target_is_directory=True)   # to a folder: not followed
     os.mkfifo(src / "pipe.png")
     os.mkfifo(tmp_path / "direct.png")
+    (src / "to_pipe.png").symlink_to(src / "pipe.png")                  # a link to a FIFO: named as one
     real_scandir = os.scandir
 
     def scandir(path):
@@ -194,12 +195,15 @@ def test_links_fifos_and_unreadable_folders_are_named_one_line_each(model_file, 
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     for what in (f"{src}/broken.png: a broken link (to {tmp_path}/gone.png), not an image file",
                  f"{src}/pipe.png: a FIFO (named pipe), not an image file",
+                 f"{src}/to_pipe.png: a FIFO (named pipe), not an image file",
                  f"{src}/locked: cannot read this folder (Permission denied); its images were not processed",
                  f"{tmp_path}/direct.png: a FIFO (named pipe)", f"{tmp_path}/missing.png: no such file or folder"):
         assert sum(what in line for line in lines) == 1, (what, err)
-    assert len(lines) == 5 and "3 image(s) written" in summary and "5 problem(s)" in summary
+    assert len(lines) == 6 and "3 image(s) written" in summary and "6 problem(s)" in summary
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == \
         ["link_glean.png", "ok_glean.png", "real/x_glean.png"]
+    with pytest.raises(images.InputError, match="direct.png: not a readable image .not a regular file"):
+        images.read_image(tmp_path / "direct.png")                       # e.g. --mask: refused, not opened
 
 
 def test_an_output_folder_inside_the_input_folder_is_not_read_again(model_file, tmp_path, capsys):
