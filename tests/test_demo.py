@@ -106,9 +106,13 @@ def test_upload_upscale_in_a_real_browser(model_file, tmp_path):
             sizes = page.eval_on_selector_all("#result-slider img", "els => els.map(e => [e.naturalWidth, "
                                                                      "e.naturalHeight])")
             link = page.eval_on_selector("#result-file a", "a => a.href")
-            page.get_by_role("tab", name="Retouch").click()                 # the editor's images come as blobs
-            page.set_input_files("#retouch-editor input[type=file]", str(tmp_path / "face.png"))
-            page.wait_for_timeout(2000)
+            page.get_by_role("tab", name="Retouch").click()        # the editor's images: files or blobs (read_editor)
+            with page.expect_file_chooser() as chooser:
+                page.get_by_text("Upload an image").click()
+            chooser.value.set_files(str(tmp_path / "face.png"))
+            page.wait_for_function("() => !document.querySelector('#retouch-editor').innerText"
+                                   ".includes('Upload an image')", timeout=60_000)   # the image is on the canvas
+            page.wait_for_load_state("networkidle")
             page.click("#retouch-button")
             page.wait_for_selector("#retouch-result img", timeout=120_000)
             page.wait_for_function("() => [...document.querySelectorAll('#retouch-result img')]"
