@@ -31,7 +31,7 @@ import images
 import infer
 import photos
 import zoo
-from glean_io import CheckpointError
+from glean_io import CheckpointError, one_line
 
 MODELS = [zoo.DEFAULT_MODEL] + [n for n, w in zoo.WEIGHTS.items()
                                 if w.kind.startswith("glean") and n != zoo.DEFAULT_MODEL]
@@ -72,9 +72,9 @@ def read_upload(upload, what: str = "") -> tuple:
     try:
         a, bits = images.read_image(path, max_pixels=MAX_UPLOAD_PIXELS)
     except images.InputError as e:
-        message = str(e).replace(str(path), name).replace("raise it with --max-megapixels", "run infer.py for "
-                                                                                             "larger images")
-        raise gr.Error(message) from None
+        message = str(e).replace(one_line(path), name).replace("raise it with --max-megapixels", "run infer.py "
+                                                                                                "for larger images")
+        raise gr.Error(one_line(message)) from None
     return a, bits, name
 
 

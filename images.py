@@ -185,12 +185,12 @@ def open_image(path):
             register()
             for fmt in list(Image.ID):
                 factory, accept = Image.OPEN[fmt]
-                if accept is not None and (isinstance(accept(prefix), str) or not accept(prefix)):
-                    continue
-                fp.seek(0)
                 try:
-                    im = factory(fp, str(path))
-                    break
+                    taken = accept is None or accept(prefix)
+                    if taken and not isinstance(taken, str):              # (a string: Pillow's warning, a no)
+                        fp.seek(0)
+                        im = factory(fp, str(path))
+                        break
                 except (SyntaxError, IndexError, TypeError, struct.error):   # not this format, as in Image.open
                     continue
             if im is not None:
