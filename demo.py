@@ -4,9 +4,11 @@ and retouch (Sec. 6): paint over a flawed region of an edited photo and let GLEA
     pip install -e ".[demo]"
     python demo.py            # http://127.0.0.1:7860  (glean-demo after a pip install)
 
-Built on infer.py; models load on first use and stay cached. Nothing heavy at import. Uploads are read by the app
-itself (not decoded by Gradio first), so a file that is no image, or one of too many pixels, gets a message that
-says so; results wait in a private temporary folder that is cleaned up.
+Built on infer.py; models load on first use and stay cached. Nothing heavy at import. Every upload, in every tab
+(the retouch editor's painted layers included), is decoded by the app itself, never by Gradio first, with this
+demo's pixel limit checked per call from the file's header (Pillow's process-wide limit is never changed), so a
+file that is no image, or one of too many pixels, gets a message that says so and is never decoded; results wait in
+a private temporary folder that is cleaned up.
 """
 import atexit
 import math
@@ -29,7 +31,7 @@ import images
 import infer
 import photos
 import zoo
-from glean_io import CheckpointError
+from glean_io import CheckpointError, one_line
 
 MODELS = [zoo.DEFAULT_MODEL] + [n for n, w in zoo.WEIGHTS.items()
                                 if w.kind.startswith("glean") and n != zoo.DEFAULT_MODEL]
@@ -41,21 +43,38 @@ _models, _lock = {}, threading.Lock()
 _outbox: list = []               # the private results folder, made on first use
 
 
-def read_upload(upload) -> tuple:
+def read_upload(upload, what: str = "") -> tuple:
     """An upload as (array [H, W, C] in [0, 1], bits, file name), or a gr.Error that says what is wrong with it.
-    `upload` is Gradio's file data (the Upscale event runs with preprocess=False, so that Gradio does not decode the
-    file first and answer a bad one with a bare "Error"; it has checked that the path is one of its uploads) or a
-    path."""
+    `upload` is Gradio's file data (the events run with preprocess=False, so that Gradio does not decode the file
+    first and answer a bad one with a bare "Error"; it has checked that the path is one of its uploads), a path, the
+    bytes of a file (the retouch editor's), or a PIL image (direct calls). Images over MAX_UPLOAD_PIXELS are refused
+    from their header, before they are decoded."""
     if upload is None:
         raise gr.Error("upload an image first")
+    if isinstance(upload, Image.Image):
+        name = what or "image"
+        if upload.width * upload.height > MAX_UPLOAD_PIXELS:
+            raise gr.Error(f"{name}: {upload.width}x{upload.height} is more than this demo's limit of "
+                           f"{MAX_UPLOAD_PIXELS / 1e6:g} million pixels; run infer.py for larger images")
+        try:
+            return (*images.from_pil(upload, name), name)
+        except images.InputError as e:
+            raise gr.Error(str(e)) from None
+    if isinstance(upload, (bytes, bytearray)):
+        path = outbox() / f"upload-{uuid.uuid4().hex[:8]}"
+        path.write_bytes(upload)
+        try:
+            return read_upload(str(path), what or "image")
+        finally:
+            path.unlink(missing_ok=True)
     path = upload.get("path") if isinstance(upload, dict) else str(upload)
-    name = (upload.get("orig_name") if isinstance(upload, dict) else None) or Path(path).name
+    name = what or (upload.get("orig_name") if isinstance(upload, dict) else None) or Path(path).name
     try:
         a, bits = images.read_image(path, max_pixels=MAX_UPLOAD_PIXELS)
     except images.InputError as e:
-        message = str(e).replace(str(path), name).replace("raise it with --max-megapixels", "run infer.py for "
-                                                                                             "larger images")
-        raise gr.Error(message) from None
+        message = str(e).replace(one_line(path), name).replace("raise it with --max-megapixels", "run infer.py "
+                                                                                                "for larger images")
+        raise gr.Error(one_line(message)) from None
     return a, bits, name
 
 
@@ -198,21 +217,64 @@ def photo_info(r, scale: float, notes: list) -> str:
     return "\n".join(lines + [f"- {n}" for n in notes + r.notes])
 
 
-def retouch(edited, name: str):
-    """edited: Gradio's ImageEditor value; whatever is painted on the layers marks the region to redraw."""
-    if edited is None or edited.get("background") is None:
+MAX_LAYERS = 4        # the retouch editor's layers (it shows one): indices beyond are refused
+MAX_EDITS = 8         # the retouch editor's uploads kept, newest first; older ones are dropped
+
+
+def guard_editor(editor: gr.ImageEditor) -> gr.ImageEditor:
+    """Bound what Gradio's ImageEditor keeps. After each edit the browser sends the editor's images (background,
+    layers, composite) through the component's `accept_blobs` server function, which stores them in memory until an
+    event uses them: a client could name layer 10**9 (a list that long) or send edits without end. This instance's
+    accept_blobs refuses such indices and keeps only the newest MAX_EDITS edits."""
+    accept = editor.accept_blobs
+
+    def accept_blobs(data):
+        index = data.data.get("index")
+        if index not in (None, "null", "") and not (str(index).isdigit() and int(index) < MAX_LAYERS):
+            raise ValueError(f"layer index {str(index)[:20]!r} refused")
+        accept(data)
+        while len(editor.blob_storage) > MAX_EDITS:
+            editor.blob_storage.pop(next(iter(editor.blob_storage)))       # (dicts keep insertion order)
+    accept_blobs._is_server_fn = True                                       # what gradio.components.base.server marks
+    editor.accept_blobs = accept_blobs
+    return editor
+
+
+def read_editor(edited, blobs: dict | None = None) -> tuple:
+    """The retouch editor's raw value (preprocess=False) as (background array [H, W, C], painted mask [H, W, 1] or
+    None). Gradio sends {'id': ...} for images it holds as blobs (`blobs`: the editor's blob_storage, emptied of that
+    edit here), or {'background': file, 'layers': [files]}; each image is decoded by read_upload, with its limit."""
+    if not isinstance(edited, dict):
         raise gr.Error("upload an edited image first")
-    background = edited["background"]
-    if background.width * background.height > MAX_UPLOAD_PIXELS:
-        raise gr.Error(f"the image is {background.width}x{background.height}, more than this demo's limit of "
-                       f"{MAX_UPLOAD_PIXELS / 1e6:g} million pixels; run infer.py --retouch for larger images")
-    model = get_model(name)
-    rgb = np.asarray(background.convert("RGB"), dtype=np.float32) / 255
+    if edited.get("id") is not None:
+        stored = (blobs or {}).pop(edited["id"], None)
+        if stored is None:
+            raise gr.Error("the edited image did not arrive; upload it again")
+        background, layers = stored.background, stored.layers or []
+    else:
+        background, layers = edited.get("background"), edited.get("layers") or []
+    if background is None:
+        raise gr.Error("upload an edited image first")
+    a = read_upload(background, "the edited image")[0]
     mask = None
-    layers = [np.asarray(layer.convert("RGBA")) for layer in edited.get("layers") or []]
-    if layers and any(layer[..., 3].any() for layer in layers):
-        mask = (np.max([layer[..., 3] for layer in layers], axis=0) > 0).astype(np.float32)[..., None]
-    out = infer.retouch_arrays(model, rgb, mask)
+    for layer in layers:
+        if layer is None:
+            continue
+        paint = read_upload(layer, "the painted layer")[0]
+        if paint.shape[:2] != a.shape[:2]:
+            raise gr.Error(f"the painted layer is {paint.shape[1]}x{paint.shape[0]}, the image "
+                           f"{a.shape[1]}x{a.shape[0]}; paint on the image again")
+        painted = paint[..., -1:] > 0 if paint.shape[2] in (2, 4) else paint.max(axis=2, keepdims=True) > 0
+        mask = painted if mask is None else mask | painted
+    return a, (mask.astype(np.float32) if mask is not None and mask.any() else None)
+
+
+def retouch(edited, name: str, blobs: dict | None = None):
+    """The Retouch tab: `edited` is the editor's raw value (see read_editor); whatever is painted on its layers
+    marks the region to redraw (nothing painted: the whole image)."""
+    a, mask = read_editor(edited, blobs)
+    model = get_model(name)
+    out = infer.retouch_arrays(model, a, mask)
     result = images.to_pil(out)
     return result, save_png(result, "retouched")
 
@@ -285,13 +347,17 @@ def build(models: list) -> gr.Blocks:
                         "downsamples the photo, super-resolves it back and replaces the painted region (the whole "
                         "image if nothing is painted).")
             with gr.Row():
-                editor = gr.ImageEditor(type="pil", label="Edited photo (paint the region to fix)", sources=["upload"],
-                                        brush=gr.Brush(colors=["#ffffff"], default_size=12), layers=False)
+                editor = guard_editor(gr.ImageEditor(type="filepath", label="Edited photo (paint the region to fix)",
+                                                     sources=["upload"], layers=False, elem_id="retouch-editor",
+                                                     brush=gr.Brush(colors=["#ffffff"], default_size=12)))
                 with gr.Column():
-                    retouched = gr.Image(type="pil", label="Retouched", interactive=False, format="png")
+                    retouched = gr.Image(type="pil", label="Retouched", interactive=False, format="png",
+                                         elem_id="retouch-result")
                     retouch_file = gr.File(label="Download PNG")
             retouch_model = gr.Dropdown(choices, value=models[0], label="Model")
-            gr.Button("Retouch", variant="primary").click(retouch, [editor, retouch_model], [retouched, retouch_file])
+            gr.Button("Retouch", variant="primary", elem_id="retouch-button").click(
+                lambda edited, name: retouch(edited, name, editor.blob_storage), [editor, retouch_model],
+                [retouched, retouch_file], preprocess=False, api_name="retouch")                 # see read_editor
     app.queue(max_size=16, default_concurrency_limit=1)  # one job at a time on the model, at most 16 waiting
     return app
 
@@ -314,7 +380,6 @@ def main(argv=None) -> int:
         print(f"error: --model {missing[0]}: neither a registered model ({', '.join(zoo.WEIGHTS)}) nor a file",
               file=sys.stderr)
         return 2
-    Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS   # what Gradio decodes itself (the retouch editor): Pillow's check
     app = build(args.model + [m for m in MODELS if m not in args.model]) if args.model else demo
     app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, show_error=True)
     return 0

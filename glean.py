@@ -351,7 +351,7 @@ class GLEAN(nn.Module):
         try:
             config = meta["config"]
             cfg = GLEANConfig.from_dict(json.loads(config) if isinstance(config, str) else config)
-        except ValueError as e:                                 # json's errors are ValueErrors too
+        except (ValueError, RecursionError) as e:               # json's errors are ValueErrors; deep nesting recurses
             raise CheckpointError(f"{source}: its config is not usable ({e}); the file is damaged or edited") from e
         count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})  # noqa: E731
         if count("encoder.0.0.body.") != cfg.num_rrdbs or cfg.uses_bank and count("bank.style_mapping.") != \

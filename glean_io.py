@@ -1,9 +1,10 @@
 """Checkpoint files in and out, without ever running code from them.
 
-- `load_file(path)`: safetensors, or `torch.load(weights_only=True)`; a file that weights_only refuses (released
-  checkpoints may carry arbitrary objects in their `meta`) is read by `RestrictedUnpickler`, which rebuilds tensors
-  and plain containers only and replaces every other object by an inert `Placeholder`. It never imports or calls
-  anything named in the file.
+- `load_file(path)`: safetensors, or a torch.save file read by glean_pickle's `RestrictedUnpickler`, which rebuilds
+  tensors and plain containers only and replaces every other object (released checkpoints may carry arbitrary
+  objects in their `meta`) by an inert `Placeholder`; the legacy (non-zip) format through glean_pickle's own
+  reader. Loading never imports, calls or writes anything named in the file and changes no attribute of anything
+  that exists outside it; every problem is one CheckpointError line (`one_line`).
 - `save_file(obj, path)`: plain data (tensors, numbers, strings, dicts), written atomically (temp file + rename,
   with the permissions an ordinary file gets under the umask); `remove_stale_temp(folder)` deletes the hidden
   partial files a killed write leaves behind.
@@ -14,8 +15,10 @@ import hashlib
 import http.client
 import io
 import json
+import mmap
 import os
 import pickle
+import re
 import struct
 import sys
 import tempfile
@@ -26,93 +29,48 @@ from pathlib import Path
 
 import torch
 
+import glean_pickle
+
+
+def one_line(message: str) -> str:
+    """A message as one line: line breaks and other control characters (e.g. in a file name) escaped as \\n, \\x1b."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(message))
+
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, corrupt, or not matching the model. The message says what to do."""
+    """A checkpoint that cannot be used: missing, corrupt, or not matching the model. The message (one line, even
+    for a file name with a line break) says what to do."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(one_line(message))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Restricted unpickling
+# Loading: safetensors; torch's zip format through torch.load with glean_pickle's restricted unpickler; torch's
+# legacy format through glean_pickle's own reader. Never torch's own unpickler, never torch's legacy reader.
 
-
-class Placeholder:
-    """Inert stand-in for an object the restricted unpickler refused to build. Records what it replaced."""
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs, self.state, self.items = args, kwargs, None, []
-
-    def __setstate__(self, state):      # BUILD
-        self.state = state
-
-    def __setitem__(self, key, value):  # SETITEM(S) on a dict subclass
-        self.items.append((key, value))
-
-    def append(self, value):            # APPEND(S) on a list subclass
-        self.items.append(value)
-
-    def extend(self, values):
-        self.items.extend(values)
-
-    def __repr__(self):
-        return f"<Placeholder for {type(self).refused}>"
-
-
-def _placeholder_class(module: str, name: str) -> type:
-    return type("Placeholder", (Placeholder,), {"refused": f"{module}.{name}"})
-
-
-# Globals a checkpoint of tensors needs; everything else becomes a Placeholder.
-_ALLOWED = {
-    ("collections", "OrderedDict"),
-    ("torch._utils", "_rebuild_tensor"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"),
-    ("torch", "Size"),
-    ("torch", "device"),
-} | {("torch", n) for n in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
-                            "uint8", "bool")}
-
-
-def _storage_from_bytes(data: bytes):
-    """Stand-in for torch.storage._load_from_bytes, which plain pickles of tensors (e.g. NVIDIA's .pkl files) use:
-    the same bytes, read with weights_only=True instead of an unrestricted torch.load."""
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals in `_ALLOWED`; every other global becomes an inert Placeholder class,
-    so a REDUCE on it builds a Placeholder instead of calling the named function (e.g. os.system)."""
-
-    refused: list
-
-    def find_class(self, module, name):
-        if (module, name) == ("torch.storage", "_load_from_bytes"):
-            return _storage_from_bytes
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        self.refused = getattr(self, "refused", []) + [f"{module}.{name}"]
-        return _placeholder_class(module, name)
-
-
-def _restricted_load(file, **kwargs):
-    return RestrictedUnpickler(file, **kwargs).load()
-
+RestrictedUnpickler, Placeholder = glean_pickle.RestrictedUnpickler, glean_pickle.Placeholder
 
 # what torch.load expects of a pickle module: `Unpickler` and `load`
-restricted_pickle = types.SimpleNamespace(Unpickler=RestrictedUnpickler, load=_restricted_load,
-                                          __name__="glean_io.restricted_pickle")
+restricted_pickle = types.SimpleNamespace(Unpickler=RestrictedUnpickler, load=glean_pickle.restricted_load,
+                                          __name__="glean_pickle.restricted")
 
 
 def _why(e: BaseException) -> str:
     """The first line of an exception's message, or its type when the message is empty (e.g. a bare EOFError)."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    if isinstance(e, MemoryError):
+        return "it declares more memory than this machine has"
     lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+    return lines[0][:300] if lines else type(e).__name__
 
 
-# what reading a damaged or foreign file can raise inside torch.load / pickle: all mean "not a usable checkpoint"
+# what reading a damaged, foreign or crafted file can raise inside torch.load / pickle: all mean "not a usable
+# checkpoint" (AssertionError: torch's checks of a zip's records, e.g. a storage typed 'module')
 _UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError,
-               AttributeError, UnicodeDecodeError, zipfile.BadZipFile, struct.error)
+               AttributeError, UnicodeDecodeError, zipfile.BadZipFile, struct.error, AssertionError, RecursionError,
+               MemoryError, OverflowError, NotImplementedError)
 
 
 def _is_torchscript(path) -> bool:
@@ -124,31 +82,51 @@ def _is_torchscript(path) -> bool:
         return False                                # torch.load reports the damage
 
 
+def _is_tar(path) -> bool:
+    """torch.save's oldest format (before torch 0.4 / 2018) is a tar archive ('ustar' at byte 257)."""
+    with open(path, "rb") as f:
+        return f.read(512)[257:262] == b"ustar"
+
+
+def _corrupt(path, e: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path}: corrupt or truncated checkpoint ({_why(e)}); re-download or re-export it")
+
+
 def torch_load(path, map_location="cpu"):
-    """torch.load with weights_only=True; if refused for a non-tensor object, load with RestrictedUnpickler.
-    A file that is no checkpoint at all is a CheckpointError naming it."""
-    mmap = zipfile.is_zipfile(path)  # zip-format files map their tensors instead of reading them into memory
-    if mmap and _is_torchscript(path):              # torch.load would warn, then suggest weights_only=False: never
+    """A torch.save file, never running or writing anything: the zip format through torch.load with glean_pickle's
+    RestrictedUnpickler (tensors mapped from the file, not read into memory), the legacy format through
+    glean_pickle.read_legacy. A file that is no checkpoint at all is a CheckpointError naming it."""
+    if not zipfile.is_zipfile(path):
+        if _is_tar(path):
+            raise CheckpointError(f"{path}: saved in PyTorch's old tar format (before 2018), which is not read "
+                                  f"here; convert it where you trust it: torch.save(torch.load(file), new_file)")
+        try:
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return glean_pickle.read_legacy(data, str(path))
+        except _UNREADABLE as e:
+            raise _corrupt(path, e) from e
+    if _is_torchscript(path):                       # torch.load would warn, then suggest weights_only=False: never
         raise CheckpointError(f"{path} is a TorchScript archive (a compiled model), not a checkpoint of weights: "
                               f"save the model's state_dict() instead")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except _UNREADABLE as e:
-        if not (isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)):
-            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_why(e)}); re-download or re-export "
-                                  f"it") from e
-    try:                                            # objects other than tensors: rebuilt inert, never run
+    try:           # weights_only=False only because our unpickler replaces torch's: it is stricter than weights_only
         return torch.load(path, map_location=map_location, weights_only=False, pickle_module=restricted_pickle,
-                          mmap=mmap)
+                          mmap=True)
     except _UNREADABLE as e:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_why(e)}); re-download or re-export "
-                              f"it") from e
+        raise _corrupt(path, e) from e
 
 
 def _check_not_empty(path: Path) -> None:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes, e.g. left by a killed copy or a full disk); "
                               f"delete it or restore the file")
+
+
+def _check_nesting(obj, path):
+    try:
+        glean_pickle.nesting(obj)
+    except pickle.UnpicklingError as e:
+        raise _corrupt(path, e) from None
+    return obj
 
 
 def load_pickle(path):
@@ -159,10 +137,11 @@ def load_pickle(path):
         raise CheckpointError(f"file not found: {path}")
     _check_not_empty(path)
     try:
-        with open(path, "rb") as f:
-            return RestrictedUnpickler(f).load()
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            obj = RestrictedUnpickler(data).load()
     except _UNREADABLE as e:
         raise CheckpointError(f"{path}: not a readable pickle ({_why(e)})") from e
+    return _check_nesting(obj, path)
 
 
 def load_file(path) -> dict:
@@ -178,24 +157,29 @@ def load_file(path) -> dict:
             with safe_open(str(path), framework="pt") as f:
                 return {"state_dict": {k: f.get_tensor(k) for k in f.keys()}, "metadata": f.metadata() or {}}
         except Exception as e:  # safetensors raises several types for corrupt headers
-            raise CheckpointError(f"{path}: not a valid safetensors file ({e}); re-download or re-export it") from e
-    try:
-        obj = torch_load(path)
-    except CheckpointError:
-        raise
-    except _UNREADABLE as e:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_why(e)}); "
-                              f"re-download or re-export it") from e
+            raise CheckpointError(f"{path}: not a valid safetensors file ({_why(e)}); re-download or re-export "
+                                  f"it") from e
+    obj = _check_nesting(torch_load(path), path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
 
 
 def state_dict_of(ckpt: dict, source: str = "checkpoint") -> dict:
-    """The tensor dict of a loaded checkpoint: ckpt['state_dict'] when present (release/training layout), else ckpt."""
+    """The tensor dict of a loaded checkpoint: ckpt['state_dict'] when present (release/training layout), else ckpt.
+    Its keys must be names (a crafted file may use numbers)."""
     sd = ckpt.get("state_dict", ckpt)
     if not isinstance(sd, dict):
         raise CheckpointError(f"{source}: its 'state_dict' is a {type(sd).__name__}, expected a dict of tensors")
+    return named(sd, source)
+
+
+def named(sd: dict, source: str = "checkpoint") -> dict:
+    """sd itself, after checking that its keys are strings (tensor names)."""
+    for k in sd:
+        if not isinstance(k, str):
+            raise CheckpointError(f"{source}: its state dict has a key {k!r:.40} that is not a name; the file is "
+                                  f"damaged or edited")
     return sd
 
 
@@ -203,33 +187,47 @@ def _fmt(shape) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
-def load_state_strict(module: torch.nn.Module, file_sd: dict, names: dict, source: str) -> None:
-    """Load `file_sd` into `module` strictly. `names` maps each module key to its key in the file.
+def _problem(key: str, t, expected: torch.Tensor) -> str:
+    """What is wrong with the file's tensor t under `key` for a parameter like `expected`; '' if nothing."""
+    if not torch.is_tensor(t):
+        return f"key '{key}' is a {type(t).__name__}, not a tensor"
+    if t.layout != torch.strided or t.is_meta:
+        return f"key '{key}' is a {'meta' if t.is_meta else 'sparse'} tensor, not one of stored values"
+    if t.shape != expected.shape:
+        return f"key '{key}' has shape {_fmt(t.shape)}, expected {_fmt(expected.shape)}"
+    if t.numel() * t.element_size() > t.untyped_storage().nbytes():       # e.g. one value repeated by stride 0
+        return f"key '{key}' declares more values than the file holds for it"
+    if expected.is_floating_point() and not t.is_floating_point():
+        return f"key '{key}' holds {str(t.dtype).removeprefix('torch.')} values, expected floating point"
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        return f"key '{key}' holds NaN or infinite values"
+    return ""
 
-    Any missing, unexpected or mis-shaped key raises CheckpointError naming the key and the expected shape.
-    A module built on the meta device takes the file's tensors as its own (no copy, no random init first).
-    """
+
+def check_state(module: torch.nn.Module, file_sd: dict, names: dict, source: str) -> None:
+    """Check that `file_sd` fits `module` (which may live on the meta device: only shapes are used). `names` maps
+    each module key to its key in the file. Any missing, unexpected, mis-shaped or odd tensor raises CheckpointError
+    naming the key and the expected shape."""
     expected = module.state_dict()
     to_ours = {f: o for o, f in names.items()}
     problems = []
     for ours, theirs in names.items():
         if theirs not in file_sd:
             problems.append(f"missing key '{theirs}' (expected shape {_fmt(expected[ours].shape)})")
-        elif not torch.is_tensor(file_sd[theirs]):
-            problems.append(f"key '{theirs}' is a {type(file_sd[theirs]).__name__}, not a tensor")
-        elif file_sd[theirs].shape != expected[ours].shape:
-            problems.append(f"key '{theirs}' has shape {_fmt(file_sd[theirs].shape)}, "
-                            f"expected {_fmt(expected[ours].shape)}")
-        elif expected[ours].is_floating_point() and not file_sd[theirs].is_floating_point():
-            problems.append(f"key '{theirs}' holds {str(file_sd[theirs].dtype).removeprefix('torch.')} values, "
-                            f"expected floating point")
-        elif file_sd[theirs].is_floating_point() and not torch.isfinite(file_sd[theirs]).all():
-            problems.append(f"key '{theirs}' holds NaN or infinite values")
-    problems += [f"unexpected key '{k}'" for k in file_sd if k not in to_ours]
+        else:
+            problems.append(_problem(theirs, file_sd[theirs], expected[ours]))
+    problems = [p for p in problems if p] + [f"unexpected key '{k}'" for k in file_sd if k not in to_ours]
     if problems:
         more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems[:3]) + more +
                               ". Check that the checkpoint and the model configuration belong together.")
+
+
+def load_state_strict(module: torch.nn.Module, file_sd: dict, names: dict, source: str) -> None:
+    """Load `file_sd` into `module` strictly, after check_state. `names` maps each module key to its key in the file.
+    A module built on the meta device takes the file's tensors as its own (no copy, no random init first)."""
+    check_state(module, file_sd, names, source)
+    expected = module.state_dict()
     ours_sd = {o: file_sd[f].to(expected[o].dtype) for o, f in names.items()}
     assign = any(t.is_meta for t in expected.values())
     module.load_state_dict(ours_sd, strict=True, assign=assign)
@@ -252,7 +250,8 @@ def current_umask() -> int:
     return mask
 
 
-TEMP_SUFFIX = ".tmp"   # atomic_write's temporary files: ".<name>.<random>.tmp" beside the target
+TEMP_SUFFIX = ".tmp"   # atomic_write's temporary files: ".<name>.<pid>-<random>.tmp" beside the target
+KILLED_TEMP = re.compile(r"\.(.+)\.(\d+)-[a-z0-9_]{8}\.tmp")   # the same, as a pattern (mkstemp: 8 characters)
 
 
 @contextlib.contextmanager
@@ -260,7 +259,7 @@ def atomic_write(path, mode="wb"):
     """Open a temporary file next to `path`; rename it over `path` only if the block succeeds. The file gets the
     permissions of an ordinary new file (0o666 less the umask), not mkstemp's private 0o600."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX)
     try:
         os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
@@ -284,6 +283,35 @@ def remove_stale_temp(folder, names: str = "*") -> list:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)                                 # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):            # another user's process; a pid no system has
+        return True
+    return True
+
+
+def remove_killed_temp(folder, started: float, targets: tuple = ()) -> list:
+    """Delete, under `folder` (recursively), the temporary files atomic_write left when its process was killed:
+    only names of its own pattern (".<name>.<pid>-<random>.tmp", with <name> ending in one of `targets` if given),
+    last changed before `started` (time.time() when this run began) and written by a process that no longer
+    exists, so that concurrent writers into the same folder keep theirs. Returns the removed paths."""
+    removed = []
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            m = KILLED_TEMP.fullmatch(name)
+            p = Path(root) / name
+            if not m or (targets and not m[1].lower().endswith(targets)) or _alive(int(m[2])):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if p.is_file() and not p.is_symlink() and p.stat().st_mtime < started:
+                    p.unlink()
+                    removed.append(p)
     return removed
 
 

@@ -10,6 +10,8 @@ and demo.py.
 """
 import contextlib
 import math
+import os
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -18,14 +20,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from glean_io import atomic_write
+from glean_io import atomic_write, one_line
 
 # Suffixes read from folders (anything Pillow reads can also be named directly).
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
 
 
 class InputError(Exception):
-    """An input that cannot be processed as asked: the message says why and what to do."""
+    """An input that cannot be processed as asked: the message (one line, even for a file name with a line break)
+    says why and what to do."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(one_line(message))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -40,8 +46,9 @@ def cubic(x: torch.Tensor) -> torch.Tensor:
             + (-0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2) * ((ax > 1) & (ax <= 2)))
 
 
-def resize_matrix(in_len: int, out_len: int, scale: float, antialias: bool = True) -> torch.Tensor:
-    """[out_len, in_len] float64 matrix of MATLAB imresize's bicubic weights along one axis.
+def resize_weights(in_len: int, out_len: int, scale: float, antialias: bool = True) -> tuple:
+    """MATLAB imresize's bicubic weights along one axis as taps: (idx [out_len, taps] long, w [out_len, taps]
+    float64); output x is sum_k w[x, k] input[idx[x, k]].
 
     Output pixel x (1-based) samples input coordinate u = x / scale + (1 - 1/scale) / 2. When downscaling with
     antialiasing the kernel is stretched by 1/scale (width 4/scale) and its height scaled by `scale`. Weights are
@@ -60,10 +67,40 @@ def resize_matrix(in_len: int, out_len: int, scale: float, antialias: bool = Tru
     idx = idx.long() - 1                                                     # 0-based
     idx = torch.where(idx < 0, -idx - 1, idx)                                # mirror: -1 -> 0, -2 -> 1
     idx = torch.where(idx >= in_len, 2 * in_len - 1 - idx, idx)              # mirror: n -> n-1, n+1 -> n-2
-    idx = idx.clamp(0, in_len - 1)                                           # (only for kernels wider than 2n)
+    return idx.clamp(0, in_len - 1), w                                       # (clamp: kernels wider than 2n)
+
+
+def resize_matrix(in_len: int, out_len: int, scale: float, antialias: bool = True) -> torch.Tensor:
+    """[out_len, in_len] float64 matrix of MATLAB imresize's bicubic weights along one axis (resize_weights)."""
+    idx, w = resize_weights(in_len, out_len, scale, antialias)
     m = torch.zeros(out_len, in_len, dtype=torch.float64)
     m.scatter_add_(1, idx, w)
     return m
+
+
+DENSE = 1 << 22      # entries of the largest dense resize matrix [out, in] (32 MB); larger axes are resized by taps
+BAND = 1 << 24       # values gathered at a time by the tap form (64 MB in float32)
+
+
+def resize_last(x: torch.Tensor, out_len: int, scale: float, antialias: bool = True) -> torch.Tensor:
+    """imresize along the last axis of [..., L] alone, in memory that grows with the output, never with out x in:
+    the same length and scale 1 is the identity; an integer upscale of L >= 8 is upscale_axis; a small axis is
+    one dense matrix; a long one sums its taps, a band of outputs at a time."""
+    L = x.shape[-1]
+    r = round(scale)
+    if out_len == L and scale == 1:
+        return x
+    if out_len == L * r and r >= 2 and scale == r and L >= 8:
+        return upscale_axis(x.contiguous(), r)
+    if out_len * L <= DENSE:
+        return x @ resize_matrix(L, out_len, scale, antialias).T.to(x.dtype).to(x.device)
+    idx, w = resize_weights(L, out_len, scale, antialias)                    # [out, taps]
+    idx, w = idx.to(x.device), w.to(x.dtype).to(x.device)
+    out = x.new_empty(*x.shape[:-1], out_len)
+    step = max(1, BAND // max(1, x[..., 0].numel() * idx.shape[1]))
+    for a in range(0, out_len, step):
+        out[..., a:a + step] = (x[..., idx[a:a + step]] * w[a:a + step]).sum(-1)   # [..., step, taps] -> [..., step]
+    return out
 
 
 def imresize(img: torch.Tensor, scale: float | None = None, size: tuple | int | None = None,
@@ -71,7 +108,8 @@ def imresize(img: torch.Tensor, scale: float | None = None, size: tuple | int | 
     """MATLAB `imresize(img, scale, 'bicubic')` on float tensors [..., H, W] (any value range; no rounding).
 
     Give either `scale` (output = ceil(in * scale)) or `size` (int or (H, W)). Antialiased when downscaling,
-    as MATLAB does; the released GLEAN models were trained on LR images made this way.
+    as MATLAB does; the released GLEAN models were trained on LR images made this way. Memory grows with the
+    output, also for extreme sides (a 20000x1 image): no dense matrix is larger than DENSE entries.
     """
     if not torch.is_floating_point(img):
         raise TypeError(f"imresize expects a float tensor, got {img.dtype} (convert with .float())")
@@ -86,9 +124,12 @@ def imresize(img: torch.Tensor, scale: float | None = None, size: tuple | int | 
         sh, sw = out_h / H, out_w / W
     if out_h == H * round(sh) and out_w == W * round(sw) and min(H, W) >= 8 and round(sh) >= 2 and round(sw) >= 2:
         return upscale_integer(img, round(sh), round(sw))                     # same result, no dense matrices
-    mh = resize_matrix(H, out_h, sh, antialias).to(img.dtype).to(img.device)  # [out_h, H]
-    mw = resize_matrix(W, out_w, sw, antialias).to(img.dtype).to(img.device)  # [out_w, W]
-    return mh @ img @ mw.T                                                      # [..., out_h, out_w]
+    if out_h * H <= DENSE and out_w * W <= DENSE:
+        mh = resize_matrix(H, out_h, sh, antialias).to(img.dtype).to(img.device)  # [out_h, H]
+        mw = resize_matrix(W, out_w, sw, antialias).to(img.dtype).to(img.device)  # [out_w, W]
+        return mh @ img @ mw.T                                                      # [..., out_h, out_w]
+    x = resize_last(img.transpose(-1, -2), out_h, sh, antialias).transpose(-1, -2)  # [..., out_h, W]
+    return resize_last(x, out_w, sw, antialias)                                     # [..., out_h, out_w]
 
 
 def phases(r: int) -> tuple:
@@ -125,20 +166,39 @@ def upscale_integer(img: torch.Tensor, rh: int, rw: int) -> torch.Tensor:
 # Image files
 
 
-# Decoded images above this many pixels are refused (--max-pixels raises it): an RGB image becomes float32 arrays of
-# 12 bytes per pixel, so 80 million pixels already take ~1 GB. Pillow's own "decompression bomb" check is replaced
-# by this one (it warns above ~89 million pixels and refuses above ~179 million, whatever the caller allows).
+# Decoded images above this many pixels are refused (--max-megapixels sets it): an RGB image becomes float32 arrays
+# of 12 bytes per pixel, so 80 million pixels already take ~1 GB. The check is made per call, from the header
+# (open_image), never through Pillow's process-wide Image.MAX_IMAGE_PIXELS, which this project never changes.
 MAX_PIXELS = 80_000_000
 
 
 @contextlib.contextmanager
-def _pillow_size_check_off():
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+def open_image(path):
+    """Image.open of a file, without Pillow's process-wide "decompression bomb" limit: callers check their own limit
+    per call from the header (im.size) before decoding anything. Formats are recognised as Image.open does: each
+    registered opener whose check accepts the first 16 bytes, common formats first, then every plugin."""
+    if not stat.S_ISREG(os.stat(path).st_mode):                             # a FIFO would block, a device never end
+        raise OSError("not a regular file: a FIFO, a device or a folder")
+    with open(path, "rb") as fp:
+        prefix, im = fp.read(16), None
+        for register in (Image.preinit, Image.init):
+            register()
+            for fmt in list(Image.ID):
+                factory, accept = Image.OPEN[fmt]
+                try:
+                    taken = accept is None or accept(prefix)
+                    if taken and not isinstance(taken, str):              # (a string: Pillow's warning, a no)
+                        fp.seek(0)
+                        im = factory(fp, str(path))
+                        break
+                except (SyntaxError, IndexError, TypeError, struct.error):   # not this format, as in Image.open
+                    continue
+            if im is not None:
+                break
+        if im is None:
+            raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
+        with im:
+            yield im
 
 
 def _deep_colour(path: Path, im: Image.Image) -> bool:
@@ -156,11 +216,12 @@ def _deep_colour(path: Path, im: Image.Image) -> bool:
 
 def read_image(path, *, max_pixels: int | None = MAX_PIXELS, notes: list | None = None) -> tuple:
     """Read an image file as (array [H, W, C] float32 in [0, 1], bits per sample: 8 or 16). Any problem with the
-    file is an InputError naming it; images over max_pixels are refused before they are decoded. Remarks the caller
-    may want to pass on (e.g. the first frame of an animation) are appended to `notes`."""
+    file is an InputError naming it; images over max_pixels (0 or None: no limit) are refused from their header,
+    before they are decoded. Remarks the caller may want to pass on (e.g. the first frame of an animation) are
+    appended to `notes`."""
     path = Path(path)
     try:
-        with _pillow_size_check_off(), Image.open(path) as im:      # reads the header only
+        with open_image(path) as im:                               # reads the header only
             W, H = im.size
             if max_pixels and W * H > max_pixels:
                 raise InputError(f"{path}: {W}x{H} is {W * H / 1e6:.0f} million pixels, above the limit of "
@@ -169,8 +230,9 @@ def read_image(path, *, max_pixels: int | None = MAX_PIXELS, notes: list | None 
                 return _read_deep_colour(path), 16
             if getattr(im, "n_frames", 1) > 1 and notes is not None:
                 notes.append(f"{path}: {im.n_frames} frames; the first one is used")
-            return from_pil(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+            return from_pil(im, str(path))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error,
+            Image.DecompressionBombError) as e:                   # (Pillow's own check, e.g. a GIF frame, a TIFF tile)
         reason = "empty file" if path.is_file() and path.stat().st_size == 0 else e
         raise InputError(f"{path}: not a readable image ({reason})") from e
 
@@ -268,17 +330,34 @@ def write_image(a: np.ndarray, path, bits: int = 8) -> None:
         im.save(f, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
 
 
-def from_pil(image: Image.Image) -> tuple:
+def from_pil(image: Image.Image, name: str = "the image") -> tuple:
     """A PIL image -> (array [H, W, C] float32 in [0, 1], bits: 8 or 16). EXIF orientation is applied; palette and
-    other modes become RGB(A); 16-bit greyscale stays 16-bit."""
+    other modes become RGB(A); 16-bit greyscale (I;16) stays 16-bit; 32-bit integer (I) samples in 0-65535 and
+    float (F) samples in [0, 1] are read as 16-bit greyscale, other ranges are refused (an InputError naming
+    `name`): scaling them to fit would change what the image means."""
+    W, H = image.size
+    if W == 0 or H == 0:
+        raise InputError(f"{name}: an empty image ({W}x{H} pixels)")
     image = ImageOps.exif_transpose(image)                                  # camera orientation
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return (np.asarray(image, dtype=np.float32) / 65535.0)[..., None], 16
+    if image.mode in ("I", "F"):
+        a = np.asarray(image, dtype=np.float64 if image.mode == "I" else np.float32)
+        kind, top, slack = ("32-bit integer", 65535, 0) if image.mode == "I" else ("floating-point", 1, 1e-3)
+        if not np.isfinite(a).all():
+            raise InputError(f"{name}: {kind} samples with NaN or infinite values; save it as an 8- or 16-bit image")
+        lo, hi = float(a.min()), float(a.max())
+        if not (lo >= -slack and hi <= top + slack):                           # (slack: float rounding near 1)
+            raise InputError(f"{name}: {kind} samples from {lo:.6g} to {hi:.6g}, outside 0-{top}: save it as an 8- "
+                             f"or 16-bit image (or scale it to 0-{top} yourself)")
+        return (np.clip(a / top, 0, 1).astype(np.float32))[..., None], 16
+    bands = image.getbands()
     if image.mode == "P":                                                   # palette, maybe with transparency
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif image.mode not in ("L", "LA", "RGB", "RGBA"):
-        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
-    a = np.asarray(image, dtype=np.float32) / 255.0
+        image = image.convert("RGBA" if "A" in bands or "a" in bands else "RGB")
+    a = np.asarray(image, dtype=np.float32)
+    a /= 255.0
     return (a[..., None] if a.ndim == 2 else a), 8
 
 
@@ -333,10 +412,10 @@ def image_size(path) -> tuple | None:
     """(H, W) of an image file as read_rgb returns it (EXIF rotation applied), from its header only; None if
     unreadable (the dataset reports and skips such files when it loads them)."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             W, H = im.size
             return (W, H) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (H, W)
-    except (OSError, UnidentifiedImageError, ValueError):
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, struct.error):
         return None
 
 

@@ -15,7 +15,14 @@ bicubic and re-attached) and 16-bit PNG/TIFF (written back as 16-bit) are handle
 a failed image leaves no file behind, and the run goes on with the others.
 """
 import argparse
+import contextlib
+import os
+import signal
+import stat
 import sys
+import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -27,7 +34,7 @@ import faces
 import glean
 import photos
 import zoo
-from glean_io import CheckpointError, atomic_write
+from glean_io import CheckpointError, one_line, remove_killed_temp
 from images import (IMAGE_EXTS, MAX_PIXELS, InputError, example_image, from_pil, imresize, merge, read_image,
                     split, to_pil, write_format, write_image)
 
@@ -51,9 +58,8 @@ def fit(planes: torch.Tensor, size: int, *, strict: bool, pad: bool, notes: list
     if pad:
         s = max(H, W)
         top, left = (s - H) // 2, (s - W) // 2
-        padded = torch.nn.functional.pad(planes[None], (left, s - W - left, top, s - H - top), mode="replicate")[0]
         notes.append(f"{name}: {W}x{H} padded to {s}x{s} and resized to {size}x{size}")
-        return resize(padded, size), (top / s, left / s, H / s, W / s)
+        return pad_resize(planes, size, top, left), (top / s, left / s, H / s, W / s)
     s = min(H, W)
     top, left = (H - s) // 2, (W - s) // 2
     if (H, W) != (s, s):
@@ -62,6 +68,18 @@ def fit(planes: torch.Tensor, size: int, *, strict: bool, pad: bool, notes: list
     elif s != size:
         notes.append(f"{name}: {W}x{H} resized to {size}x{size} (MATLAB bicubic)")
     return resize(planes[:, top:top + s, left:left + s], size), (0.0, 0.0, 1.0, 1.0)
+
+
+def pad_resize(planes: torch.Tensor, size: int, top: int, left: int) -> torch.Tensor:
+    """[C, H, W] replicate-padded to a square of side s = max(H, W) (the image at (top, left)) and resized to
+    [C, size, size], without making the s x s square: the resize is separable and padding one axis commutes with
+    resizing the other, so the long axis is resized first ([C, H, size] for a wide image) and only then padded."""
+    _, H, W = planes.shape
+    s = max(H, W)
+    x = imresize(planes, size=(H, size)) if W == s else imresize(planes, size=(size, W))   # long axis only
+    pads = (0, 0, top, s - H - top) if W == s else (left, s - W - left, 0, 0)
+    x = torch.nn.functional.pad(x[None], pads, mode="replicate")[0]               # [C, s, size] or [C, size, s]
+    return imresize(x, size=(size, size))
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -74,6 +92,15 @@ def run_model(model: glean.GLEAN, rgb: torch.Tensor) -> torch.Tensor:
     p = next(model.parameters())
     x = (rgb * 2 - 1).to(p.device, p.dtype)
     return ((model(x).float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+FACE_MIN_SIDE = 12   # faces.Detector searches with P-Net's 12 px window: an image with a shorter side has no face
+
+
+def too_small(H: int, W: int) -> str:
+    """Why faces are not searched for in an H x W image ('' when they are)."""
+    return f"{W}x{H} is too small to search for a face (a side under {FACE_MIN_SIDE} px)" if min(H, W) < \
+        FACE_MIN_SIDE else ""
 
 
 def face_template(model: glean.GLEAN) -> np.ndarray | None:
@@ -95,9 +122,9 @@ def frame(model: glean.GLEAN, a: np.ndarray, name: str, notes: list, *, strict: 
     template = face_template(model)
     found = []
     if align_faces and template is not None and (H, W) != (cfg.in_size, cfg.in_size) and not (strict or pad):
-        found = faces.load_detector().detect(rgb.permute(1, 2, 0).numpy())
+        found = [] if too_small(H, W) else faces.load_detector().detect(rgb.permute(1, 2, 0).numpy())
         if not found:
-            notes.append(f"{name}: no face found; centre-cropped instead")
+            notes.append(f"{name}: {too_small(H, W) or 'no face found'}; centre-cropped instead")
     if found:
         planes = np.ascontiguousarray(np.concatenate([rgb.permute(1, 2, 0).numpy()] + (
             [alpha.permute(1, 2, 0).numpy()] if alpha is not None else []), axis=2))
@@ -113,7 +140,7 @@ def frame(model: glean.GLEAN, a: np.ndarray, name: str, notes: list, *, strict: 
         rgb, box = fit(rgb, cfg.in_size, strict=strict, pad=pad, notes=notes, name=name)
         if alpha is not None:                      # the alpha plane follows the same crop/pad, then bicubic up
             alpha = resize(fit(alpha, cfg.in_size, strict=False, pad=pad, notes=[])[0], cfg.out_size).clamp(0, 1)
-    out_h, out_w = round(box[2] * cfg.out_size), round(box[3] * cfg.out_size)
+    out_h, out_w = max(1, round(box[2] * cfg.out_size)), max(1, round(box[3] * cfg.out_size))
     if out_h < H or out_w < W:
         hint = ("--faces upscales the whole photo with its faces restored, --simulate compares GLEAN with this face"
                 if template is not None else f"the model takes {cfg.in_size}x{cfg.in_size} images")
@@ -133,7 +160,7 @@ def upscale_arrays(model: glean.GLEAN, arrays: list, *, strict_size: bool = Fals
     for y, (_, alpha, grey, (top, left, h, w)) in zip(sr, prepared):
         a = merge(y, alpha, grey)
         n = cfg.out_size
-        t, l_, hh, ww = round(top * n), round(left * n), round(h * n), round(w * n)
+        t, l_, hh, ww = round(top * n), round(left * n), max(1, round(h * n)), max(1, round(w * n))
         outputs.append(a[t:t + hh, l_:l_ + ww])     # --pad: back to the original frame's aspect ratio
     return outputs, notes
 
@@ -181,9 +208,10 @@ def simulate(model: glean.GLEAN, a: np.ndarray, *, name: str = "image", notes: l
         enlarged = cfg.out_size / min(a.shape[:2])
     else:
         photo = rgb.permute(1, 2, 0).contiguous().numpy()                     # RGB [H, W, 3]
-        found = faces.load_detector().detect(photo)
+        found = [] if too_small(*photo.shape[:2]) else faces.load_detector().detect(photo)
         if not found:
-            raise InputError(f"{name}: no face found; --simulate needs a photo with a face")
+            raise InputError(f"{name}: {too_small(*photo.shape[:2]) or 'no face found'}; --simulate needs a photo "
+                             f"with a face")
         ref, M = faces.align(photo, found[0].landmarks, template, cfg.out_size)
         ref, enlarged = torch.from_numpy(np.ascontiguousarray(ref)).permute(2, 0, 1), faces.scale_of(M)
     if enlarged > 1.05:
@@ -243,6 +271,9 @@ def as_arrays(image) -> tuple:
         raise TypeError(f"upscale takes a PIL image or a tensor [C, H, W] / [B, C, H, W], not {type(image).__name__}"
                         f" (for a numpy array: PIL.Image.fromarray(array))")
     shape, t = list(image.shape), image.detach()
+    if t.layout != torch.strided or t.is_meta:
+        raise InputError(f"a {'meta' if t.is_meta else 'sparse'} tensor holds no image values here: pass a dense "
+                         f"tensor (.to_dense(), or real data)")
     if t.ndim not in (3, 4) or t.shape[-3] not in (1, 2, 3, 4):
         raise InputError(f"expected an image tensor [C, H, W] or a batch [B, C, H, W] with C = 1, 2, 3 or 4 "
                          f"channels, got shape {shape}")
@@ -327,18 +358,23 @@ def load_model(name_or_path: str = "", device: str = "", half: bool = False) -> 
 # Command line
 
 
-def collect(inputs: list) -> tuple:
+def collect(inputs: list, outdir: Path | None = None) -> tuple:
     """The images to process as (file, folder it was found in or None), problems with the inputs themselves, and
-    notes. Folders give their image files (IMAGE_EXTS, recursively, sorted); `example:NAME` is a built-in picture."""
+    notes. Folders give their image files (IMAGE_EXTS, recursively, sorted; links to files are followed, links to
+    folders are not), without the output folder `outdir` when it lies inside one; `example:NAME` is a built-in
+    picture. Broken links, FIFOs and other non-files with an image suffix, and folders that cannot be read, are
+    problems, one line each."""
     files, problems, notes = [], [], []
+    skip = os.path.realpath(outdir) if outdir is not None else None
     for item in inputs:
         p = Path(item)
         if item.startswith("example:"):
             files.append((p, None))
         elif p.is_dir():
-            found = [q for q in sorted(p.rglob("*")) if q.is_file()]
+            found, odd = walk(p, skip, problems, notes)
             images = [q for q in found if q.suffix.lower() in IMAGE_EXTS]
-            if not images:
+            problems += [f"{q}: {why}, not an image file" for q, why in odd if q.suffix.lower() in IMAGE_EXTS]
+            if not images and not odd:
                 problems.append(f"{p}: no images ({', '.join(sorted(IMAGE_EXTS))}) in this folder")
             others = [q for q in found if q.suffix.lower() not in IMAGE_EXTS and not q.name.startswith(".")]
             if others:
@@ -347,8 +383,49 @@ def collect(inputs: list) -> tuple:
         elif p.is_file():
             files.append((p, None))
         else:
-            problems.append(f"{p}: no such file or folder")
+            problems.append(f"{p}: {kind_of(p) or 'no such file or folder'}")
     return files, problems, notes
+
+
+def kind_of(p: Path) -> str:
+    """What a path that is neither a file nor a folder is: a broken link, a FIFO, ... ('' if nothing is there)."""
+    try:
+        mode = p.lstat().st_mode
+    except OSError:
+        return ""
+    if stat.S_ISLNK(mode):
+        try:
+            mode = p.stat().st_mode                                          # what the link points to
+        except OSError:
+            return f"a broken link (to {os.readlink(p)})"
+    return ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "not a regular file")
+
+
+def walk(folder: Path, skip: str | None, problems: list, notes: list) -> tuple:
+    """The files under `folder` (sorted) and the entries that are not files, as (path, what it is); a folder whose
+    real path is `skip` (the output folder) is left out with a note, an unreadable folder is a problem."""
+    found, odd, todo = [], [], [folder]
+    while todo:
+        d = todo.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = list(it)
+        except OSError as e:
+            problems.append(f"{d}: cannot read this folder ({e.strerror or e}); its images were not processed")
+            continue
+        for e in entries:
+            q = Path(e.path)
+            if e.is_dir(follow_symlinks=False):
+                if skip is not None and os.path.realpath(q) == skip:
+                    notes.append(f"{q}: the output folder, inside the input folder {folder}: not read as input")
+                else:
+                    todo.append(q)
+            elif e.is_file():
+                found.append(q)
+            elif not (e.is_symlink() and q.is_dir()):                          # links to folders: not followed
+                odd.append((q, kind_of(q)))
+    return sorted(found), sorted(odd)
 
 
 def output_ext(src: Path, ext: str, bits: int, channels: int, notes: list) -> str:
@@ -367,13 +444,61 @@ def output_ext(src: Path, ext: str, bits: int, channels: int, notes: list) -> st
     return out
 
 
+def identity(path: Path) -> set:
+    """What makes two paths the same file: the real path, and (device, inode) if it exists."""
+    try:
+        st = os.stat(path)
+        return {os.path.realpath(path), (st.st_dev, st.st_ino)}
+    except OSError:
+        return {os.path.realpath(path)}
+
+
+def prepare_output(outdir: Path, started: float) -> list:
+    """Make the output folder and check that files can be written there (with a probe named for this process, so
+    that runs into one folder do not race), then remove the partial files runs killed earlier left in it
+    (glean_io.remove_killed_temp: our own pattern only, older than this run, of processes that are gone). Returns
+    notes; raises OSError."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=outdir, prefix=f".write-test.{os.getpid()}-", suffix=".tmp")
+    os.close(fd)
+    os.unlink(probe)
+    removed = remove_killed_temp(outdir, started, tuple(Image.registered_extensions()) + ("write-test",))
+    return [f"{outdir}: removed {len(removed)} partial file(s) that killed runs left (e.g. {removed[0].name})"] \
+        if removed else []
+
+
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """SIGTERM (kill, a job scheduler's stop) ends the run as Ctrl-C does: through the finally blocks, so the image
+    being written leaves no partial file. (Only the main thread can take signals; elsewhere nothing changes.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print("error: stopped (SIGTERM); the image being written was not saved", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Outputs:
     """Output paths for one run: each input's folder structure under -o is kept (for files found in a folder), and
     no two inputs of a run ever get the same output: `x.png` and `x.jpg`, or `a/x.jpg` and `b/x.jpg` given by name,
     get distinct names (with a note) instead of overwriting each other."""
 
-    def __init__(self, outdir: Path, suffix: str):
+    def __init__(self, outdir: Path, suffix: str, inputs=()):
         self.outdir, self.suffix, self.taken = outdir, suffix, set()
+        self.inputs = set().union(*map(identity, inputs))           # what must never be written over
+
+    def refuse_input(self, dst: Path) -> None:
+        """An InputError if writing dst would replace one of the run's inputs (the same path, a link or a hard link
+        to it), as -o set to the input folder with --suffix "" would."""
+        if identity(dst) & self.inputs:
+            raise InputError(f"{dst}: is an input of this run, not overwritten; choose another -o or --suffix")
 
     def path(self, src: Path, root: Path | None, ext: str, notes: list, suffix: str | None = None) -> Path:
         suffix = self.suffix if suffix is None else suffix
@@ -390,6 +515,12 @@ class Outputs:
 
 
 def main(argv=None) -> int:
+    """The command line (run_cli), stopped by SIGTERM as by Ctrl-C."""
+    with sigterm_as_exit():
+        return run_cli(argv)
+
+
+def run_cli(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-i", "--input", nargs="+", required=True,
                     help="image files and/or folders (searched recursively), or example:astronaut / example:cat")
@@ -430,9 +561,10 @@ def main(argv=None) -> int:
                     help="with --faces: the inputs are already aligned face crops (no detection)")
     ap.add_argument("--mask", help="with --retouch: only the white region of this mask is replaced")
     args = ap.parse_args(argv)
+    started = time.time()
 
     def error(message: str) -> int:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(message)}", file=sys.stderr)
         return 2
 
     name = args.model or zoo.DEFAULT_MODEL
@@ -461,15 +593,13 @@ def main(argv=None) -> int:
         args.suffix = "_faces" if args.faces and not args.aligned else "_glean"
     outdir = Path(args.output)
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        with atomic_write(outdir / ".write-test"):
-            pass
-        (outdir / ".write-test").unlink()
+        cleaned = prepare_output(outdir, started)
     except OSError as e:
         return error(f"cannot write to output folder {outdir} ({e.strerror or e}); choose another with -o")
-    files, problems, notes = collect(args.input)
+    files, problems, notes = collect(args.input, outdir)
+    notes = cleaned + notes
     for p in problems:
-        print(f"error: {p}", file=sys.stderr)
+        print(f"error: {one_line(p)}", file=sys.stderr)
     try:
         dev = pick_device(args.device)
         auto = args.faces and not args.aligned and not args.model        # --faces: a model per face (photos.py)
@@ -482,11 +612,13 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     def say(kind: str, message: str) -> None:
-        tqdm.write(f"{kind}: {message}", file=sys.stderr)
+        tqdm.write(f"{kind}: {one_line(message)}", file=sys.stderr)
 
     for note in notes:
         say("note", note)
-    outputs, failed, written = Outputs(outdir, args.suffix), 0, 0
+    inputs = [src for src, _ in files if not str(src).startswith("example:")] + ([Path(args.mask)] if args.mask
+                                                                                  else [])
+    outputs, failed, written = Outputs(outdir, args.suffix, inputs), 0, 0
     bar = tqdm(total=len(files), unit="img", disable=len(files) < 2 or None)
     queue = []
 
@@ -537,6 +669,7 @@ def main(argv=None) -> int:
                 ext = ".png" if args.simulate else output_ext(src, args.ext, bits, out.shape[2], notes)
                 dst = outputs.path(src, root, ext, notes, suffix)
                 try:
+                    outputs.refuse_input(dst)
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     write_image(out, dst, bits)
                     written += 1
@@ -574,7 +707,7 @@ def main(argv=None) -> int:
     flush()
     bar.close()
     bad = failed + len(problems)
-    print(f"{written} image(s) written to {outdir}" + (f"; {bad} problem(s), see above" if bad else ""))
+    print(one_line(f"{written} image(s) written to {outdir}" + (f"; {bad} problem(s), see above" if bad else "")))
     return 1 if bad else 0
 
 

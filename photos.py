@@ -209,15 +209,16 @@ def background_rows(planes: torch.Tensor, s: float, o0: int, o1: int) -> torch.T
 
 
 def _rows_by_matrix(planes: torch.Tensor, s: float, o0: int, o1: int) -> torch.Tensor:
-    """Non-integer scales: the H axis by the rows o0..o1 of MATLAB's resize weights, the W axis whole."""
-    from images import resize_matrix
+    """Non-integer scales (and sides under 8 px): the H axis by the taps of MATLAB's resize weights for rows
+    o0..o1 only, the W axis by images.resize_last; no dense matrix over images.DENSE entries (a 20000x1 photo at 8x
+    would need 25.6 GB for one)."""
+    from images import resize_last, resize_weights
     C, H, W = planes.shape
     out_h, out_w = math.ceil(H * s), math.ceil(W * s)
-    mh = resize_matrix(H, out_h, s)[o0:o1]                               # [rows, H] (float64, small)
-    cols = mh.abs().sum(0).nonzero()[:, 0]
-    lo, hi = int(cols.min()), int(cols.max()) + 1
-    rows = torch.einsum("rh,chw->crw", mh[:, lo:hi].to(planes.dtype), planes[:, lo:hi])
-    return rows @ resize_matrix(W, out_w, s).to(planes.dtype).T                           # [C, rows, out_w]
+    idx, w = resize_weights(H, out_h, s)                                  # [out_h, taps]
+    idx, w = idx[o0:o1], w[o0:o1].to(planes.dtype)
+    rows = sum(planes[:, idx[:, k]] * w[None, :, k, None] for k in range(idx.shape[1]))   # [C, rows, W]
+    return resize_last(rows, out_w, s)                                                     # [C, rows, out_w]
 
 
 def quantize(x: torch.Tensor, dtype) -> np.ndarray:

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glean_io import CheckpointError, Placeholder, load_file, load_pickle, load_state_strict, save_file, state_dict_of
+from glean_io import (CheckpointError, Placeholder, check_state, load_file, load_pickle, load_state_strict, named,
+                      save_file, state_dict_of)
 
 SQRT2 = math.sqrt(2.0)
 
@@ -569,13 +570,18 @@ def _flatten_placeholders(obj, prefix="") -> dict:
             state = obj.args[0]["state"]                                  # persistence._reconstruct_persistent_obj
         out = {}
         for group in ("_parameters", "_buffers"):
-            for name, t in (state.get(group) or {}).items():
+            for name, t in _items(state.get(group)):
                 if torch.is_tensor(t):
                     out[prefix + name] = t
-        for name, child in (state.get("_modules") or {}).items():
+        for name, child in _items(state.get("_modules")):
             out.update(_flatten_placeholders(child, f"{prefix}{name}."))
         return out
     return {}
+
+
+def _items(group) -> list:
+    """The (name, value) pairs of a pickled module's _parameters / _buffers / _modules dict (string names only)."""
+    return [(k, v) for k, v in group.items() if isinstance(k, str)] if isinstance(group, dict) else []
 
 
 def _from_ada(sd: dict) -> dict:
@@ -620,13 +626,25 @@ def _from_ada(sd: dict) -> dict:
     return out
 
 
+_LIMITS = {"style_channels": 1 << 14, "num_mlps": 64, "channel_multiplier": 64, "channel_base": 1 << 14}
+
+
 def _config(config, source: str) -> GeneratorConfig:
-    """A GeneratorConfig from a file's plain data (a dict, or JSON text), or a CheckpointError naming the file."""
+    """A GeneratorConfig from a file's plain data (a dict, or JSON text), its numbers checked before anything is
+    built from them; or a CheckpointError naming the file."""
     try:
-        return GeneratorConfig(**(json.loads(config) if isinstance(config, str) else config))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: its generator config is not usable ({e}); the file is damaged or edited") \
-            from e
+        cfg = GeneratorConfig(**(json.loads(config) if isinstance(config, str) else config))
+        for name, limit in _LIMITS.items():
+            v = getattr(cfg, name)
+            if not (type(v) is int and 1 <= v <= limit):
+                raise ValueError(f"{name} = {v!r:.40} is not a whole number from 1 to {limit}")
+        if not (1 <= len(cfg.blur_kernel) <= 16 and all(type(v) in (int, float) for v in cfg.blur_kernel)):
+            raise ValueError("blur_kernel is not a short list of numbers")
+        return cfg
+    except (TypeError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise CheckpointError(f"{source}: its generator config is not usable ({why}); the file is damaged or "
+                              f"edited") from e
 
 
 def generator_state(ckpt, source: str = "checkpoint") -> tuple:
@@ -647,62 +665,73 @@ def generator_state(ckpt, source: str = "checkpoint") -> tuple:
         return ({k: v for k, v in state_dict_of(ckpt, source).items() if not k.startswith("discriminator.")},
                 _config(config, source))
     if ckpt.get("format") == "glean-train" and isinstance(ckpt.get("g_ema"), dict):   # our bank-training checkpoint
-        return ckpt["g_ema"], _config(ckpt.get("generator_config"), source)
+        return named(ckpt["g_ema"], source), _config(ckpt.get("generator_config"), source)
     if "G_ema" in ckpt:                                                   # NVIDIA stylegan2-ada pickle
         return _from_ada(_flatten_placeholders(ckpt["G_ema"])), None
     if "g_ema" in ckpt and isinstance(ckpt["g_ema"], dict):              # rosinality
-        return _from_rosinality(ckpt["g_ema"]), None
-    sd = state_dict_of(ckpt)
+        return _from_rosinality(named(ckpt["g_ema"], source)), None
+    sd = state_dict_of(ckpt, source)
     prefix = "generator_ema."
     if any(k.startswith(prefix) for k in sd):                             # official mmagic / mmediting
         with torch.device("meta"):
             probe = Generator(infer_generator_config({k[len(prefix):]: v for k, v in sd.items()
-                                                      if k.startswith(prefix)}, official=True))
+                                                      if k.startswith(prefix)}, official=True, source=source))
         back = {v: k for k, v in official_names(probe).items()}
         return {back.get(k[len(prefix):], k[len(prefix):]): v for k, v in sd.items() if k.startswith(prefix)}, None
     raise CheckpointError(f"{source}: no StyleGAN2 generator found (expected this project's bank file, "
                           f"'generator_ema.*' keys, rosinality's 'g_ema' or a stylegan2-ada .pkl with 'G_ema')")
 
 
-def infer_generator_config(sd: dict, official: bool = False) -> GeneratorConfig:
+def infer_generator_config(sd: dict, official: bool = False, source: str = "checkpoint") -> GeneratorConfig:
     """The GeneratorConfig a state dict (our names, or official names with official=True) was made with."""
     lin = ".linear.weight_orig" if official else ".weight"
     mlps = sorted(int(m[1]) for k in sd if (m := re.fullmatch(r"style_mapping\.(\d+)" + re.escape(lin), k)))
     convs = [k for k in sd if re.fullmatch(r"convs\.\d+\.conv\.weight(_orig)?", k)]
     if not mlps or "constant_input.input" not in sd or not convs:
-        raise CheckpointError("not a StyleGAN2 generator state dict (no mapping network, constant input or convs)")
-    out_size = 2 ** (len(convs) // 2 + 2)
-    style = sd[f"style_mapping.{mlps[0]}{lin}"].shape[1]
-    base = sd["constant_input.input"].shape[1]
-    cm = 2
-    if out_size >= 64:  # ch[64] = 256 * cm * base / 512
-        c64 = sd[f"convs.{2 * 3}.conv.weight" + ("_orig" if official else "")].shape[1]
-        cm = max(1, round(c64 * 512 / (256 * base)))
-    lr = 0.01
-    return GeneratorConfig(out_size=out_size, style_channels=style, num_mlps=len(mlps), channel_multiplier=cm,
-                           channel_base=base, lr_mlp=lr)
+        raise CheckpointError(f"{source}: not a StyleGAN2 generator state dict (no mapping network, constant input "
+                              f"or convs)")
+    try:                                          # a crafted file's "tensors" may be anything: checked here
+        out_size = 2 ** (len(convs) // 2 + 2)
+        style = sd[f"style_mapping.{mlps[0]}{lin}"].shape[1]
+        base = sd["constant_input.input"].shape[1]
+        cm = 2
+        if out_size >= 64:  # ch[64] = 256 * cm * base / 512
+            c64 = sd[f"convs.{2 * 3}.conv.weight" + ("_orig" if official else "")].shape[1]
+            cm = max(1, round(c64 * 512 / (256 * base)))
+        return _config(dict(out_size=out_size, style_channels=style, num_mlps=len(mlps), channel_multiplier=cm,
+                            channel_base=base, lr_mlp=0.01), source)
+    except (KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: its generator tensors do not make a StyleGAN2 generator ({e!r:.80})") from e
 
 
-def load_generator_weights(G: Generator, ckpt) -> Generator:
+def _with_kernels(G: Generator, sd: dict) -> dict:
+    """sd, plus G's FIR kernels (fixed buffers) where the source format has none (NVIDIA's files)."""
+    kernels = {k: v if not v.is_meta else torch.zeros(v.shape) for k, v in G.state_dict().items()
+               if k.endswith(".kernel") and k not in sd}
+    return {**sd, **kernels}
+
+
+def load_generator_weights(G: Generator, ckpt, source: str = "") -> Generator:
     """Load weights from any file `generator_state` reads into G, strictly (every key and shape must match).
     Buffers the source format has no counterpart for (the FIR kernels of NVIDIA's files) keep their values."""
-    source = str(ckpt) if not isinstance(ckpt, dict) else "checkpoint"
-    sd = dict(generator_state(ckpt, source)[0])
-    for k, v in G.state_dict().items():
-        if k.endswith(".kernel") and k not in sd:
-            sd[k] = v
+    source = source or (str(ckpt) if not isinstance(ckpt, dict) else "checkpoint")
+    sd = _with_kernels(G, generator_state(ckpt, source)[0])
     load_state_strict(G, sd, {k: k for k in G.state_dict()}, source)
     return G
 
 
 def load_generator(ckpt, config: GeneratorConfig | None = None) -> Generator:
-    """A Generator built from the file's own config (or inferred from its shapes) with its weights, in eval mode."""
+    """A Generator built from the file's own config (or inferred from its shapes) with its weights, in eval mode.
+    The file's tensors are checked against the configuration (on the meta device) before the model is built."""
     source = str(ckpt) if not isinstance(ckpt, dict) else "checkpoint"
     if isinstance(ckpt, (str, Path)):
         ckpt = load_pickle(ckpt) if str(ckpt).endswith(".pkl") else load_file(ckpt)
     sd, found = generator_state(ckpt, source)
-    G = Generator(config or found or infer_generator_config(sd))
-    return load_generator_weights(G, ckpt).eval()
+    cfg = config or found or infer_generator_config(sd, source=source)
+    with torch.device("meta"):
+        probe = Generator(cfg)
+    check_state(probe, _with_kernels(probe, sd), {k: k for k in probe.state_dict()}, source)
+    return load_generator_weights(Generator(cfg), ckpt, source).eval()
 
 
 def save_generator(G: Generator, path, discriminator: "Discriminator | None" = None) -> None:

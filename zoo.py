@@ -13,7 +13,7 @@ import torch
 import glean
 import glean_fast
 import stylegan2
-from glean_io import CheckpointError, download, load_file, sha256_of
+from glean_io import CheckpointError, download, load_file, named, sha256_of
 
 
 # Face templates: where a face model wants the 5 landmarks of a face (left eye, right eye, nose, left and right mouth
@@ -197,7 +197,7 @@ def _load(name_or_path, cls, progress: bool) -> glean.GLEAN:
                         source=str(path))
     sd = ckpt.get("state_dict", ckpt)
     if isinstance(sd, dict) and any(isinstance(k, str) and k.startswith("generator.") for k in sd):
-        return cls.from_official(ckpt, official_config(sd, str(path)), source=str(path))
+        return cls.from_official(ckpt, official_config(named(sd, str(path)), str(path)), source=str(path))
     raise CheckpointError(f"{path}: not a GLEAN checkpoint (neither this project's format nor an official release "
                           f"file with 'generator.' keys)")
 
