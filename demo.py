@@ -11,6 +11,7 @@ file that is no image, or one of too many pixels, gets a message that says so an
 a private temporary folder that is cleaned up.
 """
 import atexit
+import functools
 import math
 import os
 import shutil
@@ -43,6 +44,28 @@ _models, _lock = {}, threading.Lock()
 _outbox: list = []               # the private results folder, made on first use
 
 
+def fail(message: str) -> gr.Error:
+    """The error a handler raises for the user: shown in the browser, and one line on the server's console instead of
+    Gradio's traceback (print_exception=False)."""
+    message = one_line(str(message))
+    print(f"demo: {message}", file=sys.stderr)
+    return gr.Error(message, print_exception=False)
+
+
+def one_line_errors(handler):
+    """A handler whose unexpected errors (a bug, not bad input) reach the browser and the console as one line with
+    the exception's type, like the expected ones; their traceback is not printed."""
+    @functools.wraps(handler)
+    def wrapped(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as e:                                          # noqa: BLE001 - reported, not swallowed
+            raise fail(f"{handler.__name__} failed: {type(e).__name__}: {e}") from None
+    return wrapped
+
+
 def read_upload(upload, what: str = "") -> tuple:
     """An upload as (array [H, W, C] in [0, 1], bits, file name), or a gr.Error that says what is wrong with it.
     `upload` is Gradio's file data (the events run with preprocess=False, so that Gradio does not decode the file
@@ -50,16 +73,16 @@ def read_upload(upload, what: str = "") -> tuple:
     bytes of a file (the retouch editor's), or a PIL image (direct calls). Images over MAX_UPLOAD_PIXELS are refused
     from their header, before they are decoded."""
     if upload is None:
-        raise gr.Error("upload an image first")
+        raise fail("upload an image first")
     if isinstance(upload, Image.Image):
         name = what or "image"
         if upload.width * upload.height > MAX_UPLOAD_PIXELS:
-            raise gr.Error(f"{name}: {upload.width}x{upload.height} is more than this demo's limit of "
+            raise fail(f"{name}: {upload.width}x{upload.height} is more than this demo's limit of "
                            f"{MAX_UPLOAD_PIXELS / 1e6:g} million pixels; run infer.py for larger images")
         try:
             return (*images.from_pil(upload, name), name)
         except images.InputError as e:
-            raise gr.Error(str(e)) from None
+            raise fail(str(e)) from None
     if isinstance(upload, (bytes, bytearray)):
         path = outbox() / f"upload-{uuid.uuid4().hex[:8]}"
         path.write_bytes(upload)
@@ -74,7 +97,7 @@ def read_upload(upload, what: str = "") -> tuple:
     except images.InputError as e:
         message = str(e).replace(one_line(path), name).replace("raise it with --max-megapixels", "run infer.py "
                                                                                                 "for larger images")
-        raise gr.Error(one_line(message)) from None
+        raise fail(one_line(message)) from None
     return a, bits, name
 
 
@@ -89,14 +112,13 @@ def model_label(name: str) -> str:
 def get_model(name: str) -> glean.GLEAN:
     """Load a registered model or a checkpoint file once (first use may download it) and keep it."""
     if name not in zoo.WEIGHTS and not Path(name).is_file():
-        raise gr.Error(f"unknown model '{name}'")
+        raise fail(f"unknown model '{name}'")
     with _lock:
         if name not in _models:
             try:
                 _models[name] = infer.load_model(name, "cuda" if torch.cuda.is_available() else "cpu")
             except (CheckpointError, images.InputError, ValueError, OSError) as e:
-                print(f"demo: could not load {name}: {e}", file=sys.stderr)     # one line on the console
-                raise gr.Error(f"could not load {name}: {e}") from None
+                raise fail(f"could not load {name}: {e}") from None
         return _models[name]
 
 
@@ -140,6 +162,7 @@ def bicubic_baseline(model: glean.GLEAN, a: np.ndarray) -> Image.Image:
     return Image.fromarray((up.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
+@one_line_errors
 def upscale(upload, name: str):
     """The Upscale tab. An upload larger than the model's input goes through infer.simulate (degrade and restore):
     the slider compares bicubic and GLEAN from the input the model saw, and a labelled strip shows that input,
@@ -151,7 +174,7 @@ def upscale(upload, name: str):
         try:
             r = infer.simulate(model, a, name=stem)
         except images.InputError as e:
-            raise gr.Error(f"{e}: upload a face photo, or one of {model.cfg.in_size}x{model.cfg.in_size} pixels to "
+            raise fail(f"{e}: upload a face photo, or one of {model.cfg.in_size}x{model.cfg.in_size} pixels to "
                            f"upscale it as it is") from None
         to_image = lambda x: images.to_pil(x)  # noqa: E731
         return ((to_image(r["bicubic"]), to_image(r["glean"])), to_image(r["compare"]),
@@ -165,6 +188,7 @@ def upscale(upload, name: str):
 AUTO = "auto"                    # the Photo tab's default: photos.py picks, per face, the offline model that fits
 
 
+@one_line_errors
 def photo(upload, name: str, outscale: float):
     """The Photo tab: the whole photo upscaled (bicubic) with each face that a model's input fits restored by that
     model and pasted back (photos.restore_photo); every face found is marked on the photo: green if restored (and
@@ -174,7 +198,7 @@ def photo(upload, name: str, outscale: float):
     model = None
     if name != AUTO:
         if name in zoo.WEIGHTS and not zoo.WEIGHTS[name].template or infer.face_template(get_model(name)) is None:
-            raise gr.Error(f"{name} is not a face model: choose auto or one of "
+            raise fail(f"{name} is not a face model: choose auto or one of "
                            f"{', '.join(n for n, w in zoo.WEIGHTS.items() if w.template)}")
         model = get_model(name)
     notes = []
@@ -187,7 +211,7 @@ def photo(upload, name: str, outscale: float):
     try:
         r = photos.restore_photo(a, model=model, outscale=scale, name=Path(stem).name, max_output_pixels=0)
     except images.InputError as e:
-        raise gr.Error(str(e)) from None
+        raise fail(str(e)) from None
     result = images.to_pil(r.image)
     return (mark_faces(a, r.faces), result, save_png(result, Path(stem).stem + "_faces"),
             photo_info(r, scale, notes))
@@ -245,16 +269,16 @@ def read_editor(edited, blobs: dict | None = None) -> tuple:
     None). Gradio sends {'id': ...} for images it holds as blobs (`blobs`: the editor's blob_storage, emptied of that
     edit here), or {'background': file, 'layers': [files]}; each image is decoded by read_upload, with its limit."""
     if not isinstance(edited, dict):
-        raise gr.Error("upload an edited image first")
+        raise fail("upload an edited image first")
     if edited.get("id") is not None:
         stored = (blobs or {}).pop(edited["id"], None)
         if stored is None:
-            raise gr.Error("the edited image did not arrive; upload it again")
+            raise fail("the edited image did not arrive; upload it again")
         background, layers = stored.background, stored.layers or []
     else:
         background, layers = edited.get("background"), edited.get("layers") or []
     if background is None:
-        raise gr.Error("upload an edited image first")
+        raise fail("upload an edited image first")
     a = read_upload(background, "the edited image")[0]
     mask = None
     for layer in layers:
@@ -262,21 +286,27 @@ def read_editor(edited, blobs: dict | None = None) -> tuple:
             continue
         paint = read_upload(layer, "the painted layer")[0]
         if paint.shape[:2] != a.shape[:2]:
-            raise gr.Error(f"the painted layer is {paint.shape[1]}x{paint.shape[0]}, the image "
+            raise fail(f"the painted layer is {paint.shape[1]}x{paint.shape[0]}, the image "
                            f"{a.shape[1]}x{a.shape[0]}; paint on the image again")
         painted = paint[..., -1:] > 0 if paint.shape[2] in (2, 4) else paint.max(axis=2, keepdims=True) > 0
         mask = painted if mask is None else mask | painted
     return a, (mask.astype(np.float32) if mask is not None and mask.any() else None)
 
 
+@one_line_errors
 def retouch(edited, name: str, blobs: dict | None = None):
     """The Retouch tab: `edited` is the editor's raw value (see read_editor); whatever is painted on its layers
     marks the region to redraw (nothing painted: the whole image)."""
     a, mask = read_editor(edited, blobs)
     model = get_model(name)
-    out = infer.retouch_arrays(model, a, mask)
+    notes = []
+    out = infer.retouch_arrays(model, a, mask, notes=notes)
     result = images.to_pil(out)
-    return result, save_png(result, "retouched")
+    H, W = a.shape[:2]
+    said = [f"The {W}x{H} image was redrawn at {result.width}x{result.height} from a "
+            f"{model.cfg.in_size}x{model.cfg.in_size} version of it" +
+            (" (the painted region only)." if mask is not None else " (nothing painted: the whole image).")]
+    return result, save_png(result, "retouched"), "\n".join(said + [f"- {n}" for n in notes])
 
 
 def example_files() -> list:
@@ -354,10 +384,11 @@ def build(models: list) -> gr.Blocks:
                     retouched = gr.Image(type="pil", label="Retouched", interactive=False, format="png",
                                          elem_id="retouch-result")
                     retouch_file = gr.File(label="Download PNG")
+                    retouch_notes = gr.Markdown()
             retouch_model = gr.Dropdown(choices, value=models[0], label="Model")
             gr.Button("Retouch", variant="primary", elem_id="retouch-button").click(
                 lambda edited, name: retouch(edited, name, editor.blob_storage), [editor, retouch_model],
-                [retouched, retouch_file], preprocess=False, api_name="retouch")                 # see read_editor
+                [retouched, retouch_file, retouch_notes], preprocess=False, api_name="retouch")   # see read_editor
     app.queue(max_size=16, default_concurrency_limit=1)  # one job at a time on the model, at most 16 waiting
     return app
 

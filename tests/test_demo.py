@@ -32,7 +32,8 @@ def test_import_is_light_and_handlers_work(model_file, tmp_path):
     assert after.size == (32, 32) and strip is None                   # the model's input size: upscaled as it is
     assert oct(demo.outbox().stat().st_mode & 0o777) == "0o700"         # private: not a predictable shared folder
     edited = {"background": face, "layers": [Image.new("RGBA", face.size)], "composite": face}
-    out, png = demo.retouch(edited, str(model_file))              # nothing painted: the whole image
+    out, png, said = demo.retouch(edited, str(model_file))        # nothing painted: the whole image
+    assert "nothing painted" in said and "30x20 centre-cropped to 20x20" in said   # it says it cropped
     assert out.size == (32, 32)
     with pytest.raises(gr.Error, match="upload an image first"):
         demo.upscale(None, str(model_file))
@@ -265,8 +266,9 @@ def test_painted_layers_mark_the_region_to_redraw(model_file, tmp_path):
     paint = np.zeros((32, 32, 4), np.uint8)
     paint[4:12, 20:30] = 255                                             # white strokes, opaque
     layer = Image.fromarray(paint, "RGBA")
-    out, _ = demo.retouch({"background": photo, "layers": [layer]}, str(model_file))
-    whole, _ = demo.retouch({"background": photo, "layers": []}, str(model_file))
+    out, _, said = demo.retouch({"background": photo, "layers": [layer]}, str(model_file))
+    whole, _, _ = demo.retouch({"background": photo, "layers": []}, str(model_file))
+    assert "the painted region only" in said
     out, whole, orig = (np.asarray(x, dtype=np.int16) for x in (out, whole, photo))
     assert np.array_equal(out[4:12, 20:30], whole[4:12, 20:30])          # the painted region: redrawn by GLEAN
     assert np.array_equal(out[16:, :16], orig[16:, :16])                 # elsewhere: the edited image as it was
@@ -288,9 +290,10 @@ def test_overlapping_requests_then_bombs_through_the_server(model_file, tmp_path
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = wait_for(server, f"http://127.0.0.1:{port}")
-        face = tmp_path / "face.png"
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 32, 3), dtype=np.uint8)).save(face)
-        bomb = jpeg_bomb(tmp_path / "bomb.jpg")
+        photos = [tmp_path / f"face{i}.png" for i in range(3)]
+        for i, p in enumerate(photos):      # different pictures: Gradio caches results by content, and two equal
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 32, 3), dtype=np.uint8)).save(p)
+        bomb = jpeg_bomb(tmp_path / "bomb.jpg")                             # ones written at once can race there
         client = client_lib.Client(url, verbose=False)
         f = client_lib.handle_file
 
@@ -298,7 +301,7 @@ def test_overlapping_requests_then_bombs_through_the_server(model_file, tmp_path
             return [((f(image), str(model_file)), "/upscale"), ((f(image), "glean_face_small_8x", 2), "/photo"),
                     (({"background": f(image), "layers": [], "composite": None, "id": None}, str(model_file)),
                      "/retouch")]
-        jobs = [client.submit(*args, api_name=api) for args, api in calls(face) * 3]
+        jobs = [client.submit(*args, api_name=api) for p in photos for args, api in calls(p)]
         assert all(job.result(timeout=300) for job in jobs)
         for args, api in calls(bomb):
             with pytest.raises(Exception, match=BOMB):
@@ -323,3 +326,22 @@ def wait_for(server, url: str) -> str:
             if time.time() > deadline or server.poll() is not None:
                 pytest.fail(f"demo did not start: {server.stdout.read() if server.poll() is not None else ''}")
             time.sleep(0.5)
+
+
+def test_errors_are_one_line_on_the_console_too(model_file, tmp_path, capsys):
+    """Gradio prints a traceback for every gr.Error by default; the demo's say one line, on the console as in the
+    browser, for bad input and for unexpected failures alike."""
+    import demo
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(gr.Error) as bad:
+        demo.upscale(str(tmp_path / "notes.png"), str(model_file))
+    assert bad.value.print_exception is False
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("demo: ") and "notes.png: not a readable image" in err
+
+    @demo.one_line_errors
+    def broken(x):
+        return {}[x]
+    with pytest.raises(gr.Error, match="broken failed: KeyError"):
+        broken("k")
+    assert capsys.readouterr().err.count("\n") == 1
