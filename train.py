@@ -42,6 +42,7 @@ import glean
 import glean_fast
 import images
 import stylegan2
+import weight_formats
 import zoo
 from evaluate import LPIPS, psnr
 from glean_io import CheckpointError, atomic_write, load_file, load_state_strict, remove_stale_temp, save_file
@@ -255,8 +256,8 @@ def take_bank_config(cfg: TrainConfig) -> None:
     elif not Path(cfg.bank).is_file():
         return                                  # reported when the bank is loaded, after the flags are checked
     else:
-        sd, bank = stylegan2.generator_state(zoo.weights_file(cfg.bank))
-        bank = bank or stylegan2.infer_generator_config(sd)
+        sd, bank = weight_formats.generator_state(zoo.weights_file(cfg.bank))
+        bank = bank or weight_formats.infer_generator_config(sd)
     if cfg.out_size and cfg.out_size != bank.out_size:
         raise UserError(f"--bank {cfg.bank} is a {bank.out_size} px StyleGAN2, but --out-size is {cfg.out_size}: "
                         f"pass --out-size {bank.out_size} (or drop it)")
@@ -891,31 +892,6 @@ def build_glean(cfg: TrainConfig) -> glean.GLEAN:
     return glean_fast.GLEANFast(mcfg)
 
 
-def discriminator_state(path: Path) -> tuple:
-    """The StyleGAN2 discriminator a file holds, as (state dict, names) for load_state_strict, or (None, None).
-
-    Read: this project's bank files (written by --stage bank: 'discriminator.*' under our names), its training
-    checkpoints (GLEAN stage: 'discriminator'; bank stage: 'd'), rosinality's .pt ('d', the same names as ours) and
-    official mmagic / mmediting files, StyleGAN2 releases and GLEAN releases alike ('discriminator.*', official
-    names). NVIDIA .pkl files are not read for it.
-    """
-    if path.suffix == ".pkl":
-        return None, None
-    ckpt = load_file(path)
-    meta = ckpt.get("metadata", ckpt)
-    sd = ckpt.get("state_dict", ckpt)
-    ours = lambda d: {k: k for k in d}                                               # noqa: E731
-    if meta.get("format") == "stylegan2":                                   # our bank file
-        d = {k[len("discriminator."):]: v for k, v in sd.items() if k.startswith("discriminator.")}
-        return (d, ours(d)) if d else (None, None)
-    for key in ("discriminator", "d"):                                      # our checkpoints, rosinality's
-        if isinstance(ckpt.get(key), dict) and ckpt[key]:
-            return ckpt[key], ours(ckpt[key])
-    if isinstance(sd, dict) and any(k.startswith("discriminator.") for k in sd):   # official names
-        return sd, None
-    return None, None
-
-
 def init_discriminator(D: stylegan2.Discriminator, cfg: TrainConfig) -> str:
     """Start D (Eq. 7, 9) from pretrained weights, as the official configs do (from the StyleGAN2 release the bank
     comes from): --disc FILE; else the --init file's discriminator; else the bank file's. "none", or no such file
@@ -925,11 +901,11 @@ def init_discriminator(D: stylegan2.Discriminator, cfg: TrainConfig) -> str:
     sources = [cfg.disc] if cfg.disc else [s for s in (cfg.init, cfg.bank) if s]
     for source in sources:
         path = zoo.weights_file(source)
-        sd, names = discriminator_state(path)
+        sd, names = weight_formats.discriminator_state(path)
         if sd is None:
             continue
         if names is None:
-            stylegan2.load_official(D, sd, "discriminator.")
+            weight_formats.load_official(D, sd, "discriminator.")
         else:
             load_state_strict(D, sd, names, str(path))
         return f"discriminator: from {source}"
@@ -1225,7 +1201,7 @@ def train_bank(cfg: TrainConfig, env: Env, state: dict | None) -> None:
     same_everywhere(env, G, D, G_ema)
     if env.main:
         if step == cfg.iters:                       # the bank, and the discriminator GLEAN training starts from
-            stylegan2.save_generator(G_ema, run / "bank.safetensors", discriminator=D)
+            weight_formats.save_generator(G_ema, run / "bank.safetensors", discriminator=D)
             print(f"finished at step {step}; latent bank (EMA generator, with its discriminator) in "
                   f"{run / 'bank.safetensors'}")
         else:

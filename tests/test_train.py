@@ -22,6 +22,7 @@ from images import imresize
 import zoo
 import stylegan2
 import train
+import weight_formats
 from conftest import ROOT
 
 TINY_BANK = {"style_channels": 16, "num_mlps": 2, "channel_multiplier": 1, "channel_base": 16}
@@ -71,7 +72,7 @@ def test_bank_stage(images, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6] and "loss/r1" in rows[2]
     assert any((run / "tb").iterdir())
-    G = stylegan2.load_generator(run / "bank.safetensors")          # the EMA generator, in this project's bank format
+    G = weight_formats.load_generator(run / "bank.safetensors")          # the EMA generator, in this project's bank format
     assert G.cfg.out_size == 16 and G.sample(2, seed=0).shape == (2, 3, 16, 16)
     ckpt = torch.load(train.checkpoints(run)[-1], weights_only=True)  # plain data only
     assert ckpt["step"] == 6 and set(ckpt) >= {"g", "d", "g_ema", "opt_g", "opt_d", "rng", "config"}
@@ -129,7 +130,7 @@ def test_overfitting_a_tiny_batch(images, bank32, tmp_path):
     first, last = np.mean([m[s]["loss/mse"] for s in (1, 2, 3)]), np.mean([m[s]["loss/mse"] for s in (58, 59, 60)])
     assert last < 0.3 * first, (first, last)
     # the latent bank is bit-identical to the file it came from
-    bank = stylegan2.load_generator(bank32).state_dict()
+    bank = weight_formats.load_generator(bank32).state_dict()
     trained = torch.load(train.checkpoints(run)[-1], weights_only=True)["model"]
     for k, v in bank.items():
         assert torch.equal(trained[f"bank.{k}"], v), k
@@ -444,7 +445,7 @@ def test_rosinality_checkpoint(tmp_path):
     path = tmp_path / "550000.pt"  # like rosinality's: with an argparse Namespace that weights_only refuses
     torch.save({"g": rosinality_state(G), "g_ema": rosinality_state(G), "d": {}, "args": argparse.Namespace(size=32)},
                path)
-    same_images(stylegan2.load_generator(path), G)
+    same_images(weight_formats.load_generator(path), G)
     model = glean.GLEAN(glean.GLEANConfig(in_size=8, out_size=32, **TINY_GLEAN))
     model.load_bank(path)
     same_images(model.bank, G)
@@ -526,7 +527,7 @@ def test_stylegan2_ada_pickle_never_runs_its_code(tmp_path):
     G = tiny_generator(seed=3)
     path, marker = tmp_path / "network-snapshot.pkl", tmp_path / "pwned"
     ada_pickle(G, path, marker)
-    loaded = stylegan2.load_generator(path)
+    loaded = weight_formats.load_generator(path)
     assert not marker.exists(), "code embedded in the pickle was run"
     same_images(loaded, G)
     with fake_persistence():            # plain pickle with NVIDIA's code importable would run the payload
