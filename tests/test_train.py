@@ -867,8 +867,8 @@ def test_bank_stage_grows_from_a_smaller_bank(images, bank32, tmp_path, capsys):
                        "--iters", "1", "--batch", "4", "--lr", "0", "--workers", "0", "--out", str(run),
                        "--no-tensorboard"]) == 0
     assert "tensors from" in capsys.readouterr().out
-    small, grown = stylegan2.load_generator(bank32).state_dict(), stylegan2.load_generator(run / "bank.safetensors")
-    assert grown.cfg.out_size == 64 and grown.cfg.channel_base == stylegan2.load_generator(bank32).cfg.channel_base
+    small, grown = weight_formats.load_generator(bank32).state_dict(), weight_formats.load_generator(run / "bank.safetensors")
+    assert grown.cfg.out_size == 64 and grown.cfg.channel_base == weight_formats.load_generator(bank32).cfg.channel_base
     big = grown.state_dict()
     assert all(torch.equal(big[k], v) for k, v in small.items())              # lr 0: exactly the copied layers
     assert len(big) > len(small)
