@@ -51,6 +51,31 @@ def _config_of_file(cls, config, source: str):
         raise CheckpointError(f"{source}: its config is not usable ({e}); the file is damaged or edited") from e
 
 
+def check_weights_file(name: str, flag: str) -> None:
+    """A file passed as weights (`flag` names the option) that clearly holds none - text, an image - is a
+    CheckpointError saying so, before anything tries to read it as a checkpoint. Registered names, missing files
+    and anything that may be a checkpoint (zip, pickle, tar, safetensors, empty) pass: load_file judges those."""
+    path = Path(name) if name and name != "none" else None
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith((b"PK\x03\x04", b"\x80")) or head[257:262] == b"ustar":   # zip, pickle, tar: torch's
+        return
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:   # safetensors
+        return
+    kinds = {b"\x89PNG": "a PNG image", b"\xff\xd8": "a JPEG image", b"GIF8": "a GIF image", b"%PDF": "a PDF"}
+    what = next((k for magic, k in kinds.items() if head.startswith(magic)), None)
+    if what is None:
+        try:
+            first = head.decode("utf-8").strip().splitlines()[0][:40] if head.strip() else ""
+            what = f"text ('{first}...')" if first.isprintable() else "data of an unknown kind"
+        except UnicodeDecodeError:
+            what = "data of an unknown kind"
+    raise CheckpointError(f"{flag} {name} is not a weights file (it holds {what}): pass a checkpoint, e.g. a "
+                          f"registered name, a file of train.py or an official release file")
+
+
 def _source(checkpoint, source: str = "") -> str:
     return source or (str(checkpoint) if not isinstance(checkpoint, dict) else "checkpoint")
 
