@@ -11,14 +11,15 @@ Symbols used here
 
 Every op is plain tensor code (no compiled extensions) so the whole network runs on a CPU:
   - equalized learning rate: the stored weight is multiplied at run time by lr_mul / sqrt(fan_in);
-  - modulation, demodulation: W'_oik = s_i W_oik,  W''_oik = W'_oik / sqrt(sum_{i,k} W'_oik^2 + eps);
+  - modulation, demodulation: W'_oik = s_i W_oik, W''_oik = W'_oik / sqrt(sum_{i,k} W'_oik^2 + eps);
   - upfirdn2d: zero-insertion upsampling, FIR filtering with the [1, 3, 3, 1] kernel, downsampling.
 
-The generator's layers form one flat sequence: conv1 at 4x4, then for each resolution r = 8 .. out_size
-an upsampling style layer convs[2k] and a style layer convs[2k + 1]; layer n of [conv1, *convs] takes
-style vector n and noise map injected_noise_n. toRGB layers (to_rgb1, to_rgbs[k]) turn each resolution's
-features into RGB, summed over resolutions. Parameter names mirror the official (mmagic / mmediting)
-layout; weight_formats.py renames the official files' keys (`weight_orig`, ...) to these.
+The generator's layers form one flat sequence: conv1 at 4x4, then for each resolution r = 8 ..
+out_size an upsampling style layer convs[2k] and a style layer convs[2k + 1]; layer n of [conv1,
+*convs] takes style vector n and noise map injected_noise_n. toRGB layers (to_rgb1, to_rgbs[k])
+turn each resolution's features into RGB, summed over resolutions. Parameter names mirror the
+official (mmagic / mmediting) layout; weight_formats.py renames the official files' keys
+(`weight_orig`, ...) to these.
 """
 import math
 from dataclasses import dataclass
@@ -58,16 +59,17 @@ def bias_leaky_relu(x: torch.Tensor, bias: torch.Tensor, negative_slope=0.2, gai
 
 def make_kernel(k, gain: float = 1.0) -> torch.Tensor:
     """Separable FIR kernel from 1-D taps: outer product, normalised to sum gain.  [len(k), len(k)]
-    Made on the CPU whatever the default device (on meta its arithmetic would import torch._dynamo)."""
+    Made on the CPU whatever the default device (on meta, arithmetic would import torch._dynamo)."""
     k = torch.tensor(k, dtype=torch.float32, device="cpu")
     k = k[None, :] * k[:, None] if k.ndim == 1 else k
     return k * (gain / k.sum())
 
 
 def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1, pad=(0, 0)):
-    """Upsample by zero insertion, pad, convolve with a 2-D FIR kernel (true convolution), downsample.
+    """Upsample by zero insertion, pad, convolve with a 2-D FIR kernel (a true convolution), and
+    downsample.
 
-    x: [B, C, H, W]; kernel: [kh, kw]; pad = (before, after), the same on both axes, negative to crop.
+    x: [B, C, H, W]; kernel: [kh, kw]; pad = (before, after), the same on both axes; negative crops.
     Output: [B, C, (H*up + p0 + p1 - kh) // down + 1, ...].
     """
     B, C, H, W = x.shape
@@ -85,7 +87,7 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
 
 class Blur(nn.Module):
     """FIR low-pass filter, upfirdn2d with up = down = 1, as one depthwise conv (kernel scaled by
-    factor^2 when it follows a 2x upsampling). An optional per-channel bias is added in the same pass."""
+    factor^2 after a 2x upsampling). An optional per-channel bias is added in the same pass."""
 
     def __init__(self, kernel=(1, 3, 3, 1), pad=(0, 0), upsample_factor: int = 1):
         super().__init__()
@@ -193,12 +195,13 @@ class ModulatedConv2d(nn.Module):
     Upsampling = transposed convolution with stride 2, then the [1,3,3,1] blur.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_channels: int, *,
-                 demodulate: bool = True, upsample: bool = False, blur_kernel=(1, 3, 3, 1),
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_channels: int,
+                 *, demodulate: bool = True, upsample: bool = False, blur_kernel=(1, 3, 3, 1),
                  eps: float = 1e-8):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.demodulate, self.upsample, self.eps = kernel_size, demodulate, upsample, eps
+        self.kernel_size = kernel_size
+        self.demodulate, self.upsample, self.eps = demodulate, upsample, eps
         self.style_modulation = EqualLinear(style_channels, in_channels, bias_init=1.0)   # A
         # official layout [1, C_out, C_in, k, k] (a leading batch axis for the modulated weight)
         self.weight = nn.Parameter(randn(1, out_channels, in_channels, kernel_size, kernel_size))
@@ -211,7 +214,7 @@ class ModulatedConv2d(nn.Module):
     def modulated_weight(self, w: torch.Tensor) -> torch.Tensor:
         """W'' for styles w [B, style_channels]  ->  [B, C_out, C_in, k, k]."""
         s = self.style_modulation(w)                                     # s = A(w)       [B, I]
-        weight = self.scale * self.weight * s[:, None, :, None, None]     # W' = s_i W_oik [B, O, I, k, k]
+        weight = self.scale * self.weight * s[:, None, :, None, None]  # W' = s_i W   [B,O,I,k,k]
         if self.demodulate:
             d = torch.rsqrt(weight.square().sum(dim=(2, 3, 4)) + self.eps)   # 1 / ||W'_o|| [B, O]
             weight = weight * d[:, :, None, None, None]                   # W''
@@ -249,7 +252,7 @@ class NoiseInjection(nn.Module):
 
 class StyleConv(nn.Module):
     """One style layer: modulated conv -> + strength * noise -> + bias -> leaky ReLU(0.2) * sqrt(2)
-    (official ModulatedStyleConv; `noise_injector` and `activate` hold the strength and the bias)."""
+    (official ModulatedStyleConv; `noise_injector` and `activate` hold the strength, the bias)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, style_channels, *, upsample=False,
                  blur_kernel=(1, 3, 3, 1)):
@@ -381,7 +384,7 @@ class Generator(nn.Module):
         ws = codes if input_is_latent else [self.mapping(z) for z in codes]
         if truncation < 1:
             if truncation_latent is None:
-                raise ValueError("truncation < 1 needs truncation_latent (see Generator.mean_latent)")
+                raise ValueError("truncation < 1 needs truncation_latent (Generator.mean_latent)")
             ws = [truncation_latent + truncation * (w - truncation_latent) for w in ws]
         L = self.num_latents
         if len(ws) == 1:
@@ -392,7 +395,7 @@ class Generator(nn.Module):
                           ws[1][:, None].expand(-1, L - inject_index, -1)], dim=1)
 
     def synthesis(self, latents: torch.Tensor, noise="random") -> torch.Tensor:
-        """Per-layer styles [B, num_latents, S] -> image [B, 3, out_size, out_size] (about [-1, 1])."""
+        """Per-layer styles [B, num_latents, S] -> image [B, 3, out_size, out_size], ~[-1, 1]."""
         B = latents.shape[0]
         assert_shape(latents, [B, self.num_latents, self.cfg.style_channels])
         if noise == "const":
@@ -496,7 +499,7 @@ class DiscriminatorConfig:
 
 
 class Discriminator(nn.Module):
-    """StyleGAN2 residual discriminator: image [B, 3, R, R] -> logit [B, 1] (D(y) = sigmoid(logit))."""
+    """StyleGAN2's residual discriminator: [B, 3, R, R] -> logit [B, 1], D = sigmoid(logit)."""
 
     def __init__(self, cfg: DiscriminatorConfig):
         super().__init__()
@@ -517,7 +520,7 @@ class Discriminator(nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         B, C, H, W = img.shape
         R = self.cfg.in_size
-        assert (C, H, W) == (3, R, R), f"discriminator expects [B, 3, {R}, {R}], got {tuple(img.shape)}"
+        assert (C, H, W) == (3, R, R), f"D expects [B, 3, {R}, {R}], got {[B, C, H, W]}"
         x = self.convs(img)                                              # [B, C4, 4, 4]
         x = minibatch_stddev(x, self.cfg.mbstd_group_size)               # [B, C4 + 1, 4, 4]
         x = self.final_conv(x)                                           # [B, C4, 4, 4]

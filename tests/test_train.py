@@ -76,7 +76,7 @@ def test_bank_stage(images, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6] and "loss/r1" in rows[2]
     assert any((run / "tb").iterdir())
-    G = weight_formats.load_generator(run / "bank.safetensors")          # the EMA generator, in this project's bank format
+    G = weight_formats.load_generator(run / "bank.safetensors")          # the EMA generator, in our bank format
     assert G.cfg.out_size == 16 and G.sample(2, seed=0).shape == (2, 3, 16, 16)
     ckpt = torch.load(train_run.checkpoints(run)[-1], weights_only=True)  # plain data only
     assert ckpt["step"] == 6 and set(ckpt) >= {"g", "d", "g_ema", "opt_g", "opt_d", "rng", "config"}
@@ -891,7 +891,8 @@ def test_bank_stage_grows_from_a_smaller_bank(images, bank32, tmp_path, capsys):
                        "--iters", "1", "--batch", "4", "--lr", "0", "--workers", "0", "--out", str(run),
                        "--no-tensorboard"]) == 0
     assert "tensors from" in capsys.readouterr().out
-    small, grown = weight_formats.load_generator(bank32).state_dict(), weight_formats.load_generator(run / "bank.safetensors")
+    small = weight_formats.load_generator(bank32).state_dict()
+    grown = weight_formats.load_generator(run / "bank.safetensors")
     assert grown.cfg.out_size == 64 and grown.cfg.channel_base == weight_formats.load_generator(bank32).cfg.channel_base
     big = grown.state_dict()
     assert all(torch.equal(big[k], v) for k, v in small.items())              # lr 0: exactly the copied layers
