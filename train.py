@@ -456,7 +456,8 @@ def glean_step(cfg: TrainConfig, env: Env, nets: Nets, run: Step, step: int, pro
             y_hat = run.G_fwd(x)                                             # Eq. (1)-(4)
             l_mse = pixel_loss(y_hat.float(), y)                             # Eq. (5)
             l_percep = percep(y_hat.float(), y) if percep is not None else y.new_zeros(())   # Eq. (6)
-            l_gen = generator_adv_loss(D(y_hat).float()) if cfg.gan_weight > 0 else y.new_zeros(())   # Eq. (7)
+            l_gen = (generator_adv_loss(D(y_hat).float()) if cfg.gan_weight > 0   # eq. (7), non-saturating
+                     else y.new_zeros(()))
             loss = glean_loss(l_mse, l_percep, l_gen, cfg)                   # Eq. (8)
         (run.scaler.scale(loss / cfg.accum) if run.scaler else loss / cfg.accum).backward()
         pairs.append((y_hat.detach(), y))

@@ -1038,3 +1038,17 @@ def test_a_process_whose_partner_died_saves_its_replica_or_says_why_not(images, 
     state, _ = train_run.latest_checkpoint(run)
     assert state["step"] >= 3 and state["world"] == 2 and state["rng"][1] is None
     assert train.main(["--out", str(run), "--resume", "--iters", str(state["step"] + 1), "--workers", "0"]) == 0
+
+
+def test_checkpoints_of_older_runs_resume(images, bank32, tmp_path, capsys):
+    """A checkpoint as the code before checksums and --data folders wrote it (no 'checksum', no 'more_data' in its
+    config) is taken as it loads, and the run continues."""
+    run = tmp_path / "run"
+    assert train.main(glean_args(images, bank32, run, "--iters", "2", "--ckpt-every", "2")) == 0
+    path = train_run.checkpoints(run)[-1]
+    state = torch.load(path, weights_only=True)
+    del state["checksum"], state["config"]["more_data"]
+    torch.save(state, path)
+    assert train.main(["--out", str(run), "--resume", "--iters", "3", "--workers", "0"]) == 0
+    assert "resuming from" in capsys.readouterr().out and "checksum" in torch.load(
+        train_run.checkpoints(run)[-1], weights_only=True)
