@@ -211,6 +211,7 @@ def bench_train(names, device: str, threads) -> None:
     import glean
     import stylegan2
     import torchvision
+    import weight_formats
     for name in names:
         kwargs, batch, steps = TRAIN_CONFIGS[name]
         with tempfile.TemporaryDirectory() as tmp:
@@ -221,7 +222,7 @@ def bench_train(names, device: str, threads) -> None:
                 Image.fromarray(rng.integers(0, 255, (kwargs["out_size"],) * 2 + (3,), dtype=np.uint8)).save(
                     tmp / "data" / f"{i}.png")
             cfg = glean.GLEANConfig(**kwargs)
-            stylegan2.save_generator(stylegan2.Generator(cfg.bank_config()), tmp / "bank.pt")
+            weight_formats.save_generator(stylegan2.Generator(cfg.bank_config()), tmp / "bank.pt")
             torch.save({f"features.{k}": v for k, v in torchvision.models.vgg16().features[:22].state_dict().items()},
                        tmp / "vgg.pt")
             model = {k: v for k, v in kwargs.items() if k not in ("in_size", "out_size")}

@@ -297,7 +297,7 @@ class GLEANFast(glean.GLEAN):
         g = style_conv(bank.conv1, const, C[:, 0], bank.injected_noise_0)      # [B, ch[4], 4, 4]
         return g, (bank.to_rgb1(g, C[:, 1]) if rgb else None)
 
-    def style_block(self, k: int, g: torch.Tensor, C: torch.Tensor, feats: dict, skip=None, row0: int = 0):
+    def fast_style_block(self, k: int, g: torch.Tensor, C: torch.Tensor, feats: dict, skip=None, row0: int = 0):
         """The k-th upsampling style block of the bank, with its fusion conv (Eq. 3): g [B, ch[r], h, r] ->
         [B, ch[2r], 2h, 2r], fusing the encoder feature f at r first if there is one. `skip` is the official RGB
         skip branch (toRGB + fusion_skip): it only matters without a decoder, so it is computed only when given.
@@ -323,9 +323,9 @@ class GLEANFast(glean.GLEAN):
         r = g.shape[-1]
         k = int(math.log2(r)) - 2
         if not elems or r <= self.cfg.fuse_encoder_up_to:
-            return self.style_block(k, g, C, feats)[0]
-        return run_in_strips(lambda s, g_s: s.crop(self.style_block(k, g_s, C, feats, row0=s.a)[0], 2), [g], [1],
-                             halo=2, out_scale=2, width=self.channels[2 * r], max_elems=elems)
+            return self.fast_style_block(k, g, C, feats)[0]
+        return run_in_strips(lambda s, g_s: s.crop(self.fast_style_block(k, g_s, C, feats, row0=s.a)[0], 2),
+                             [g], [1], halo=2, out_scale=2, width=self.channels[2 * r], max_elems=elems)
 
     # -- forward ---------------------------------------------------------------------------------------------
 
@@ -337,7 +337,7 @@ class GLEANFast(glean.GLEAN):
         if not cfg.use_decoder:                                              # ablation: the bank's RGB is the output
             g, rgb = self.bank_input(C, rgb=True)
             for k in range(len(self.bank.resolutions)):
-                g, rgb = self.style_block(k, g, C, feats, rgb)
+                g, rgb = self.fast_style_block(k, g, C, feats, rgb)
             return rgb.contiguous()
         # Decoder, Eq. (4), interleaved with the bank: each g_i is consumed, then freed, as soon as it exists.
         # The mapping MLP is never run (C is in w space already) and the bank stops at the last g_i the decoder uses.
@@ -392,12 +392,12 @@ class GLEANFast(glean.GLEAN):
         """
         r0, r1, top = s.r0, s.r1, len(self.bank.resolutions) - 1
         if g.shape[-1] == o.shape[-1]:                                       # g at out_size / 4: one more block
-            g = self.style_block(top - 1, g, C, feats, row0=s.a)[0]          # rows from 2 s.a, at out_size / 2
+            g = self.fast_style_block(top - 1, g, C, feats, row0=s.a)[0]          # rows from 2 s.a, at out_size / 2
         g, g0 = cut_rows(g, 2 * s.a, 2 * r0 - 3, 2 * r1 + 3)                 # what the up-conv and D_a need
         o, o0 = cut_rows(o, s.a, r0 - 1, r1 + 1)
         o = self.decoder_step(self.decoder[-2], o, cut_rows(g, g0, 2 * o0, 2 * (o0 + o.shape[-2]))[0])
         o, o0 = cut_rows(o, 2 * o0, 2 * r0 - 1, 2 * r1 + 1)                  # d at out_size / 2, before the shuffle
-        g, g0 = cut_rows(self.style_block(top, g, C, feats, row0=g0)[0], 2 * g0, 4 * r0 - 2, 4 * r1 + 2)
+        g, g0 = cut_rows(self.fast_style_block(top, g, C, feats, row0=g0)[0], 2 * g0, 4 * r0 - 2, 4 * r1 + 2)
         x = shuffle_cat(o, g)                                                # [d, g] at out_size: rows from 2 o0
         del o, g
         return cut_rows(self.decoder[-1](x), 2 * o0, 4 * r0, 4 * r1)[0]      # the output block

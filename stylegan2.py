@@ -1,34 +1,32 @@
 """StyleGAN2 (config-f) in plain PyTorch: the generative latent bank of GLEAN and its discriminator.
 
-Karras et al., "Analyzing and Improving the Image Quality of StyleGAN" (CVPR 2020). GLEAN (Chan et al.,
-CVPR 2021) freezes a pretrained generator and uses its style blocks S_i as a "latent bank" (Sec. 3.2);
-the discriminator D is the one of eq. (7) and (9).
+Karras et al., "Analyzing and Improving the Image Quality of StyleGAN" (CVPR 2020). GLEAN (Chan et
+al., CVPR 2021) freezes a pretrained generator and uses its style blocks S_i as a "latent bank"
+(Sec. 3.2); the discriminator D is the one of eq. (7) and (9).
 
 Symbols used here
-    z, w          latent code and its mapped (intermediate) style vector, both [B, style_channels]
-    s             per-input-channel modulation of a style block, s = A(w)          [B, C_in]
-    W             convolution weight, stored unscaled ("equalized learning rate")   [C_out, C_in, k, k]
+    z, w     latent code and its mapped (intermediate) style vector, both [B, style_channels]
+    s        per-input-channel modulation of a style layer, s = A(w)                 [B, C_in]
+    W        convolution weight, stored unscaled ("equalized learning rate")   [C_out, C_in, k, k]
 
 Every op is plain tensor code (no compiled extensions) so the whole network runs on a CPU:
   - equalized learning rate: the stored weight is multiplied at run time by lr_mul / sqrt(fan_in);
-  - modulation / demodulation: W'_{o,i} = s_i W_{o,i},  W''_{o,i} = W'_{o,i} / sqrt(sum_{i,k} W'^2 + eps);
+  - modulation, demodulation: W'_oik = s_i W_oik, W''_oik = W'_oik / sqrt(sum_{i,k} W'_oik^2 + eps);
   - upfirdn2d: zero-insertion upsampling, FIR filtering with the [1, 3, 3, 1] kernel, downsampling.
 
-Parameter names mirror the official (mmagic/mmediting) layout so that released weights load with one
-renaming rule (`weight_orig` -> `weight`, see `official_key_to_ours`).
+The generator's layers form one flat sequence: conv1 at 4x4, then for each resolution r = 8 ..
+out_size an upsampling style layer convs[2k] and a style layer convs[2k + 1]; layer n of [conv1,
+*convs] takes style vector n and noise map injected_noise_n. toRGB layers (to_rgb1, to_rgbs[k])
+turn each resolution's features into RGB, summed over resolutions. Parameter names mirror the
+official (mmagic / mmediting) layout; weight_formats.py renames the official files' keys
+(`weight_orig`, ...) to these.
 """
-import json
 import math
-import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from glean_io import (CheckpointError, Placeholder, check_state, load_file, load_pickle, load_state_strict, named,
-                      save_file, state_dict_of)
 
 SQRT2 = math.sqrt(2.0)
 
@@ -40,34 +38,38 @@ def assert_shape(x: torch.Tensor, shape):
 
 
 def channel_table(channel_multiplier: int = 2, channel_base: int = 512) -> dict:
-    """Feature channels per resolution. Official table for channel_base=512; every entry scales by channel_base/512."""
+    """Feature channels per resolution: the official table for channel_base=512, every entry scaled
+    by channel_base / 512."""
     cm, f = channel_multiplier, channel_base / 512
-    base = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * cm, 128: 128 * cm, 256: 64 * cm, 512: 32 * cm, 1024: 16 * cm}
+    base = {4: 512, 8: 512, 16: 512, 32: 512,
+            64: 256 * cm, 128: 128 * cm, 256: 64 * cm, 512: 32 * cm, 1024: 16 * cm}
     return {res: max(1, int(c * f)) for res, c in base.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Elementary ops
 
 
-def bias_leaky_relu(x: torch.Tensor, bias: torch.Tensor, negative_slope=0.2, gain=SQRT2) -> torch.Tensor:
-    """leaky_relu(x + b) * sqrt(2): StyleGAN2's "fused" bias + activation (gain keeps the variance)."""
+def bias_leaky_relu(x: torch.Tensor, bias: torch.Tensor, negative_slope=0.2, gain=SQRT2):
+    """leaky_relu(x + b) * sqrt(2): StyleGAN2's "fused" bias + activation (the gain keeps the
+    variance)."""
     shape = [1, -1] + [1] * (x.ndim - 2)
     return F.leaky_relu(x + bias.view(shape), negative_slope) * gain
 
 
 def make_kernel(k, gain: float = 1.0) -> torch.Tensor:
     """Separable FIR kernel from 1-D taps: outer product, normalised to sum gain.  [len(k), len(k)]
-    Made on the CPU whatever the default device (on meta its arithmetic would import torch._dynamo)."""
+    Made on the CPU whatever the default device (on meta, arithmetic would import torch._dynamo)."""
     k = torch.tensor(k, dtype=torch.float32, device="cpu")
     k = k[None, :] * k[:, None] if k.ndim == 1 else k
     return k * (gain / k.sum())
 
 
-def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1, pad=(0, 0)) -> torch.Tensor:
-    """Upsample by zero insertion, pad, convolve with a 2-D FIR kernel (true convolution), downsample.
+def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1, pad=(0, 0)):
+    """Upsample by zero insertion, pad, convolve with a 2-D FIR kernel (a true convolution), and
+    downsample.
 
-    x: [B, C, H, W]; kernel: [kh, kw]; pad = (before, after), the same on both axes, may be negative (crop).
+    x: [B, C, H, W]; kernel: [kh, kw]; pad = (before, after), the same on both axes; negative crops.
     Output: [B, C, (H*up + p0 + p1 - kh) // down + 1, ...].
     """
     B, C, H, W = x.shape
@@ -84,8 +86,8 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
 
 
 class Blur(nn.Module):
-    """FIR low-pass filter, upfirdn2d with up = down = 1, as one depthwise conv (kernel scaled by factor^2 when it
-    follows a 2x upsampling). An optional per-channel bias is added in the same pass."""
+    """FIR low-pass filter, upfirdn2d with up = down = 1, as one depthwise conv (kernel scaled by
+    factor^2 after a 2x upsampling). An optional per-channel bias is added in the same pass."""
 
     def __init__(self, kernel=(1, 3, 3, 1), pad=(0, 0), upsample_factor: int = 1):
         super().__init__()
@@ -121,19 +123,22 @@ class PixelNorm(nn.Module):
         return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Equalized-learning-rate layers
 
 
 def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
-    """N(0, std^2) initial weights; only the shape when the model is built on the meta device to be loaded: the
-    numbers would be thrown away, and torch's meta kernels for normal_ and arithmetic import torch._dynamo on
-    first use (about a second)."""
-    return torch.empty(shape) if torch.get_default_device().type == "meta" else torch.randn(shape) * std
+    """N(0, std^2) initial weights; only the shape when the model is built on the meta device to be
+    loaded: the numbers would be thrown away, and torch's meta kernels for normal_ and arithmetic
+    import torch._dynamo on first use (about a second)."""
+    if torch.get_default_device().type == "meta":
+        return torch.empty(shape)
+    return torch.randn(shape) * std
 
 
 class EqualLinear(nn.Module):
-    """Linear layer with equalized learning rate: y = x (W * lr_mul / sqrt(in))^T + b * lr_mul [, lrelu * sqrt 2]."""
+    """Linear layer with equalized learning rate:
+    y = x (W * lr_mul / sqrt(in))^T + b * lr_mul  [, then leaky ReLU * sqrt 2]."""
 
     def __init__(self, in_features: int, out_features: int, *,
                  bias_init: float = 0.0,   # 1.0 for style modulation A(w), so styles start at s = 1
@@ -142,7 +147,8 @@ class EqualLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(randn(out_features, in_features, std=1 / lr_mul))
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init)))
-        self.scale, self.lr_mul, self.activation = lr_mul / math.sqrt(in_features), lr_mul, activation
+        self.scale, self.lr_mul = lr_mul / math.sqrt(in_features), lr_mul
+        self.activation = activation
 
     def forward(self, x):
         if self.activation:
@@ -151,16 +157,19 @@ class EqualLinear(nn.Module):
 
 
 class EqualConv2d(nn.Module):
-    """Conv2d with equalized learning rate (weight * 1/sqrt(C_in k k) at run time). Used by the discriminator."""
+    """Conv2d with equalized learning rate (weight * 1/sqrt(C_in k k) at run time); the
+    discriminator's."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         super().__init__()
         self.weight = nn.Parameter(randn(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.scale, self.stride, self.padding = 1 / math.sqrt(in_channels * kernel_size ** 2), stride, padding
+        self.scale = 1 / math.sqrt(in_channels * kernel_size ** 2)
+        self.stride, self.padding = stride, padding
 
     def forward(self, x):
-        return F.conv2d(x, self.weight * self.scale, self.bias, stride=self.stride, padding=self.padding)
+        w = self.weight * self.scale
+        return F.conv2d(x, w, self.bias, stride=self.stride, padding=self.padding)
 
 
 class BiasLeakyReLU(nn.Module):
@@ -174,52 +183,56 @@ class BiasLeakyReLU(nn.Module):
         return bias_leaky_relu(x, self.bias)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Generator (synthesis) blocks
+# -------------------------------------------------------------------------------------------------
+# Generator (synthesis) layers
 
 
 class ModulatedConv2d(nn.Module):
     """Style-modulated convolution of StyleGAN2 (with optional demodulation and 2x upsampling).
 
-    s = A(w);  W'_{o,i,k} = s_i * W_{o,i,k};  W''_{o,i,k} = W'_{o,i,k} / sqrt(sum_{i,k} W'^2 + eps)   (demodulate)
+    s = A(w);  W'_oik = s_i W_oik;  W''_oik = W'_oik / sqrt(sum_{i,k} W'_oik^2 + eps)  (demodulate)
     Each sample has its own weight W'', so the batch runs as one grouped convolution with B groups.
     Upsampling = transposed convolution with stride 2, then the [1,3,3,1] blur.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_channels: int, *,
-                 demodulate: bool = True, upsample: bool = False, blur_kernel=(1, 3, 3, 1), eps: float = 1e-8):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_channels: int,
+                 *, demodulate: bool = True, upsample: bool = False, blur_kernel=(1, 3, 3, 1),
+                 eps: float = 1e-8):
         super().__init__()
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = kernel_size
         self.demodulate, self.upsample, self.eps = demodulate, upsample, eps
-        self.style_modulation = EqualLinear(style_channels, in_channels, bias_init=1.0)  # the affine map A
+        self.style_modulation = EqualLinear(style_channels, in_channels, bias_init=1.0)   # A
         # official layout [1, C_out, C_in, k, k] (a leading batch axis for the modulated weight)
         self.weight = nn.Parameter(randn(1, out_channels, in_channels, kernel_size, kernel_size))
-        self.scale = 1 / math.sqrt(in_channels * kernel_size ** 2)         # equalized learning rate
+        self.scale = 1 / math.sqrt(in_channels * kernel_size ** 2)   # equalized learning rate
         if upsample:
             factor, p = 2, (len(blur_kernel) - 2) - (kernel_size - 1)
-            self.blur = Blur(blur_kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1), upsample_factor=factor)
+            pad = ((p + 1) // 2 + factor - 1, p // 2 + 1)
+            self.blur = Blur(blur_kernel, pad=pad, upsample_factor=factor)
 
     def modulated_weight(self, w: torch.Tensor) -> torch.Tensor:
         """W'' for styles w [B, style_channels]  ->  [B, C_out, C_in, k, k]."""
-        s = self.style_modulation(w)                                          # s = A(w)          [B, C_in]
-        weight = self.scale * self.weight * s[:, None, :, None, None]          # W' = s_i W_oik    [B, O, I, k, k]
+        s = self.style_modulation(w)                                     # s = A(w)       [B, I]
+        weight = self.scale * self.weight * s[:, None, :, None, None]  # W' = s_i W   [B,O,I,k,k]
         if self.demodulate:
-            d = torch.rsqrt(weight.square().sum(dim=(2, 3, 4)) + self.eps)    # 1 / ||W'_o||      [B, O]
-            weight = weight * d[:, :, None, None, None]                        # W''
+            d = torch.rsqrt(weight.square().sum(dim=(2, 3, 4)) + self.eps)   # 1 / ||W'_o|| [B, O]
+            weight = weight * d[:, :, None, None, None]                   # W''
         return weight
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x [B, C_in, H, W], styles w [B, style_channels]  ->  [B, C_out, H, W] (or [B, C_out, 2H, 2W])."""
+        """x [B, C_in, H, W], styles w [B, style_channels] -> [B, C_out, H, W] or [.., 2H, 2W]."""
         B, C, H, W = x.shape
         assert C == self.in_channels, f"expected {self.in_channels} input channels, got {C}"
         C_out, k = self.out_channels, self.kernel_size
-        weight = self.modulated_weight(w).to(x.dtype)                          # [B, C_out, C, k, k]
-        x = x.reshape(1, B * C, H, W)                                          # the batch as B groups of channels
+        weight = self.modulated_weight(w).to(x.dtype)                    # [B, C_out, C, k, k]
+        x = x.reshape(1, B * C, H, W)                                    # the batch as B groups
         if self.upsample:
-            weight = weight.transpose(1, 2).reshape(B * C, C_out, k, k)        # [in, out / groups, k, k]
-            out = F.conv_transpose2d(x, weight, stride=2, groups=B)            # [1, B C_out, 2H + 1, 2W + 1]
-            return self.blur(out.view(B, C_out, 2 * H + 1, 2 * W + 1))         # [B, C_out, 2H, 2W]
-        out = F.conv2d(x, weight.reshape(B * C_out, C, k, k), padding=k // 2, groups=B)   # [1, B C_out, H, W]
+            weight = weight.transpose(1, 2).reshape(B * C, C_out, k, k)  # [in, out / groups, k, k]
+            out = F.conv_transpose2d(x, weight, stride=2, groups=B)      # [1, B C_out, 2H+1, 2W+1]
+            return self.blur(out.view(B, C_out, 2 * H + 1, 2 * W + 1))   # [B, C_out, 2H, 2W]
+        weight = weight.reshape(B * C_out, C, k, k)
+        out = F.conv2d(x, weight, padding=k // 2, groups=B)              # [1, B C_out, H, W]
         return out.view(B, C_out, H, W)
 
 
@@ -239,13 +252,13 @@ class NoiseInjection(nn.Module):
 
 class StyleConv(nn.Module):
     """One style layer: modulated conv -> + strength * noise -> + bias -> leaky ReLU(0.2) * sqrt(2)
-    (official ModulatedStyleConv; `noise_injector` and `activate` hold the strength and the bias)."""
+    (official ModulatedStyleConv; `noise_injector` and `activate` hold the strength, the bias)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, style_channels, *, upsample=False,
                  blur_kernel=(1, 3, 3, 1)):
         super().__init__()
-        self.conv = ModulatedConv2d(in_channels, out_channels, kernel_size, style_channels, upsample=upsample,
-                                    blur_kernel=blur_kernel)
+        self.conv = ModulatedConv2d(in_channels, out_channels, kernel_size, style_channels,
+                                    upsample=upsample, blur_kernel=blur_kernel)
         self.noise_injector = NoiseInjection()
         self.activate = BiasLeakyReLU(out_channels)
 
@@ -254,9 +267,11 @@ class StyleConv(nn.Module):
 
 
 class ToRGB(nn.Module):
-    """1x1 modulated conv (no demodulation) to RGB, plus the upsampled RGB skip of the previous resolution."""
+    """1x1 modulated conv (no demodulation) to RGB, plus the upsampled RGB skip of the previous
+    resolution."""
 
-    def __init__(self, in_channels, style_channels, *, upsample=True, blur_kernel=(1, 3, 3, 1), out_channels=3):
+    def __init__(self, in_channels, style_channels, *, upsample=True, blur_kernel=(1, 3, 3, 1),
+                 out_channels=3):
         super().__init__()
         if upsample:
             self.upsample = Upsample(blur_kernel)
@@ -279,7 +294,7 @@ class ConstantInput(nn.Module):
         return self.input.expand(batch, -1, -1, -1)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Generator
 
 
@@ -296,14 +311,16 @@ class GeneratorConfig:
     def __post_init__(self):
         self.blur_kernel = tuple(self.blur_kernel)
         if self.out_size not in (16, 32, 64, 128, 256, 512, 1024):
-            raise ValueError(f"StyleGAN2 out_size must be a power of two from 16 to 1024, got {self.out_size}")
+            raise ValueError(f"StyleGAN2 out_size must be a power of two from 16 to 1024, "
+                             f"got {self.out_size}")
 
 
 class Generator(nn.Module):
     """StyleGAN2 generator: mapping network z -> w, synthesis network from a constant 4x4 input.
 
-    Style vectors: one per layer, num_latents = 2 log2(out_size) - 2 (conv1, then per resolution up-conv, conv, toRGB
-    sharing the next index). Noise: fixed buffers `injected_noise_i` (noise='const') or fresh N(0,1) ('random').
+    Style vectors: one per layer, num_latents = 2 log2(out_size) - 2 (conv1, then per resolution
+    up-conv and conv; each toRGB takes the index of the next layer). Noise: fixed buffers
+    `injected_noise_n` (noise='const'), or fresh N(0, 1) maps ('random').
     """
 
     def __init__(self, cfg: GeneratorConfig):
@@ -314,8 +331,8 @@ class Generator(nn.Module):
         self.num_latents = 2 * self.log_size - 2
         self.num_injected_noises = 2 * (self.log_size - 2) + 1
         S, bk = cfg.style_channels, cfg.blur_kernel
-        self.style_mapping = nn.Sequential(
-            PixelNorm(), *[EqualLinear(S, S, lr_mul=cfg.lr_mlp, activation=True) for _ in range(cfg.num_mlps)])
+        self.style_mapping = nn.Sequential(PixelNorm(), *[
+            EqualLinear(S, S, lr_mul=cfg.lr_mlp, activation=True) for _ in range(cfg.num_mlps)])
         self.constant_input = ConstantInput(ch[4])
         self.conv1 = StyleConv(ch[4], ch[4], 3, S, blur_kernel=bk)
         self.to_rgb1 = ToRGB(ch[4], S, upsample=False)
@@ -327,9 +344,9 @@ class Generator(nn.Module):
             self.convs.append(StyleConv(out_ch, out_ch, 3, S, blur_kernel=bk))
             self.to_rgbs.append(ToRGB(out_ch, S, upsample=True, blur_kernel=bk))
             in_ch = out_ch
-        for i in range(self.num_injected_noises):
-            res = 2 ** ((i + 1) // 2 + 2)
-            self.register_buffer(f"injected_noise_{i}", randn(1, 1, res, res))
+        for n in range(self.num_injected_noises):                    # layer n's map, at its size
+            res = 2 ** ((n + 1) // 2 + 2)
+            self.register_buffer(f"injected_noise_{n}", randn(1, 1, res, res))
 
     @property
     def resolutions(self):
@@ -337,7 +354,7 @@ class Generator(nn.Module):
         return [2 ** i for i in range(3, self.log_size + 1)]
 
     def noises(self):
-        return [getattr(self, f"injected_noise_{i}") for i in range(self.num_injected_noises)]
+        return [getattr(self, f"injected_noise_{n}") for n in range(self.num_injected_noises)]
 
     def mapping(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, S] -> w [B, S]."""
@@ -350,22 +367,24 @@ class Generator(nn.Module):
         z = torch.randn(n, self.cfg.style_channels, generator=generator).to(device)
         return self.mapping(z).mean(dim=0, keepdim=True)
 
-    def styles_to_latents(self, styles, *, input_is_latent=False, truncation=1.0, truncation_latent=None,
-                          inject_index=None) -> torch.Tensor:
+    def styles_to_latents(self, styles, *, input_is_latent=False, truncation=1.0,
+                          truncation_latent=None, inject_index=None) -> torch.Tensor:
         """z or w codes -> per-layer styles [B, num_latents, S].
 
-        styles: a tensor [B, S] (one code for all layers), [B, num_latents, S] (one per layer, w space only), or a
-        list of two [B, S] codes for style mixing at `inject_index` (random when None).
+        styles: a tensor [B, S] (one code for all layers), [B, num_latents, S] (one per layer, w
+        space only), or a list of two [B, S] codes for style mixing at `inject_index` (random when
+        None).
         """
         if torch.is_tensor(styles) and styles.ndim == 3:
-            assert input_is_latent, "per-layer styles [B, num_latents, S] must be w codes (input_is_latent=True)"
+            assert input_is_latent, "per-layer styles [B, num_latents, S] must be w codes " \
+                                    "(input_is_latent=True)"
             assert_shape(styles, [None, self.num_latents, self.cfg.style_channels])
             return styles
         codes = [styles] if torch.is_tensor(styles) else list(styles)
         ws = codes if input_is_latent else [self.mapping(z) for z in codes]
         if truncation < 1:
             if truncation_latent is None:
-                raise ValueError("truncation < 1 needs truncation_latent (see Generator.mean_latent)")
+                raise ValueError("truncation < 1 needs truncation_latent (Generator.mean_latent)")
             ws = [truncation_latent + truncation * (w - truncation_latent) for w in ws]
         L = self.num_latents
         if len(ws) == 1:
@@ -376,32 +395,33 @@ class Generator(nn.Module):
                           ws[1][:, None].expand(-1, L - inject_index, -1)], dim=1)
 
     def synthesis(self, latents: torch.Tensor, noise="random") -> torch.Tensor:
-        """Per-layer styles [B, num_latents, S] -> image [B, 3, out_size, out_size] (RGB, about [-1, 1])."""
+        """Per-layer styles [B, num_latents, S] -> image [B, 3, out_size, out_size], ~[-1, 1]."""
         B = latents.shape[0]
         assert_shape(latents, [B, self.num_latents, self.cfg.style_channels])
         if noise == "const":
             noise = self.noises()
         elif noise == "random":
             noise = [None] * self.num_injected_noises
-        x = self.conv1(self.constant_input(B), latents[:, 0], noise[0])       # [B, C4, 4, 4]
-        skip = self.to_rgb1(x, latents[:, 1])                                  # [B, 3, 4, 4]
-        i = 1
+        x = self.conv1(self.constant_input(B), latents[:, 0], noise[0])   # [B, C4, 4, 4]
+        skip = self.to_rgb1(x, latents[:, 1])                              # [B, 3, 4, 4]
+        n = 1                                                              # the next layer
         for up_conv, conv, to_rgb in zip(self.convs[::2], self.convs[1::2], self.to_rgbs):
-            x = up_conv(x, latents[:, i], noise[i])                            # [B, C_res, res, res]
-            x = conv(x, latents[:, i + 1], noise[i + 1])
-            skip = to_rgb(x, latents[:, i + 2], skip)                          # [B, 3, res, res]
-            i += 2
+            x = up_conv(x, latents[:, n], noise[n])                        # [B, C_r, r, r]
+            x = conv(x, latents[:, n + 1], noise[n + 1])
+            skip = to_rgb(x, latents[:, n + 2], skip)                      # [B, 3, r, r]
+            n += 2
         return skip
 
-    def forward(self, styles, *, input_is_latent=False, truncation=1.0, truncation_latent=None, inject_index=None,
-                noise="random", return_latents=False):
-        latents = self.styles_to_latents(styles, input_is_latent=input_is_latent, truncation=truncation,
-                                         truncation_latent=truncation_latent, inject_index=inject_index)
+    def forward(self, styles, *, input_is_latent=False, truncation=1.0, truncation_latent=None,
+                inject_index=None, noise="random", return_latents=False):
+        latents = self.styles_to_latents(styles, input_is_latent=input_is_latent,
+                                         truncation=truncation, truncation_latent=truncation_latent,
+                                         inject_index=inject_index)
         image = self.synthesis(latents, noise)
         return (image, latents) if return_latents else image
 
     @torch.no_grad()
-    def sample(self, n: int, *, truncation=1.0, seed: int | None = None, noise="const") -> torch.Tensor:
+    def sample(self, n: int, *, truncation=1.0, seed: int | None = None, noise="const"):
         """n images from random z (optionally truncated towards the mean w)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         device = self.constant_input.input.device
@@ -410,15 +430,16 @@ class Generator(nn.Module):
         return self(z, truncation=truncation, truncation_latent=mean, noise=noise)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Discriminator
 
 
 class ConvLayer(nn.Sequential):
-    """[blur] -> equalized conv (stride 2 when downsampling) -> [bias + leaky ReLU]  (official ConvDownLayer)."""
+    """[blur] -> equalized conv (stride 2 when downsampling) -> [bias + leaky ReLU]
+    (official ConvDownLayer)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, *, downsample=False, activate=True, bias=True,
-                 blur_kernel=(1, 3, 3, 1)):
+    def __init__(self, in_channels, out_channels, kernel_size, *, downsample=False, activate=True,
+                 bias=True, blur_kernel=(1, 3, 3, 1)):
         layers = []
         if downsample:
             p = len(blur_kernel) - 2 + (kernel_size - 1)
@@ -434,21 +455,24 @@ class ConvLayer(nn.Sequential):
 
 
 class ResBlock(nn.Module):
-    """Residual discriminator block: (conv3x3, downsampling conv3x3) + downsampled 1x1 skip, divided by sqrt 2."""
+    """Residual discriminator block: (conv3x3, downsampling conv3x3) + downsampled 1x1 skip, over
+    sqrt 2."""
 
     def __init__(self, in_channels, out_channels, blur_kernel=(1, 3, 3, 1)):
         super().__init__()
         self.conv1 = ConvLayer(in_channels, in_channels, 3, blur_kernel=blur_kernel)
-        self.conv2 = ConvLayer(in_channels, out_channels, 3, downsample=True, blur_kernel=blur_kernel)
-        self.skip = ConvLayer(in_channels, out_channels, 1, downsample=True, activate=False, bias=False,
-                              blur_kernel=blur_kernel)
+        self.conv2 = ConvLayer(in_channels, out_channels, 3, downsample=True,
+                               blur_kernel=blur_kernel)
+        self.skip = ConvLayer(in_channels, out_channels, 1, downsample=True, activate=False,
+                              bias=False, blur_kernel=blur_kernel)
 
     def forward(self, x):
         return (self.conv2(self.conv1(x)) + self.skip(x)) / SQRT2
 
 
 def minibatch_stddev(x: torch.Tensor, group_size: int = 4, eps: float = 1e-8) -> torch.Tensor:
-    """Append one feature map: the std over groups of samples, averaged over C, H, W.  [B, C+1, H, W]"""
+    """Append one feature map: the std over groups of samples, averaged over C, H, W.
+    [B, C, H, W] -> [B, C+1, H, W]"""
     B, C, H, W = x.shape
     G = min(group_size, B)
     if B % G:
@@ -470,12 +494,12 @@ class DiscriminatorConfig:
     def __post_init__(self):
         self.blur_kernel = tuple(self.blur_kernel)
         if self.in_size not in (16, 32, 64, 128, 256, 512, 1024):
-            raise ValueError(f"StyleGAN2 discriminator in_size must be a power of two from 16 to 1024, "
-                             f"got {self.in_size}")
+            raise ValueError(f"StyleGAN2 discriminator in_size must be a power of two from 16 to "
+                             f"1024, got {self.in_size}")
 
 
 class Discriminator(nn.Module):
-    """StyleGAN2 residual discriminator: image [B, 3, R, R] -> logit [B, 1] (D(y) = sigmoid(logit))."""
+    """StyleGAN2's residual discriminator: [B, 3, R, R] -> logit [B, 1], D = sigmoid(logit)."""
 
     def __init__(self, cfg: DiscriminatorConfig):
         super().__init__()
@@ -495,253 +519,9 @@ class Discriminator(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         B, C, H, W = img.shape
-        assert (C, H, W) == (3, self.cfg.in_size, self.cfg.in_size), \
-            f"discriminator expects [B, 3, {self.cfg.in_size}, {self.cfg.in_size}], got {tuple(img.shape)}"
+        R = self.cfg.in_size
+        assert (C, H, W) == (3, R, R), f"D expects [B, 3, {R}, {R}], got {[B, C, H, W]}"
         x = self.convs(img)                                              # [B, C4, 4, 4]
         x = minibatch_stddev(x, self.cfg.mbstd_group_size)               # [B, C4 + 1, 4, 4]
         x = self.final_conv(x)                                           # [B, C4, 4, 4]
         return self.final_linear(x.flatten(1))                           # [B, 1]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Official weight names
-
-
-def official_names(module: nn.Module) -> dict:
-    """Map each of our state-dict keys to its name in the official (mmagic/mmediting) layout.
-
-    The official equalized-LR layers keep the unscaled weight as `weight_orig`; their linear layers nest it in
-    `.linear`, and the discriminator's conv layers in `.conv`. Everything else has the same name.
-    """
-    names = {}
-    for path, m in module.named_modules():
-        p = f"{path}." if path else ""
-        if isinstance(m, EqualLinear):
-            names[p + "weight"] = p + "linear.weight_orig"
-        elif isinstance(m, ModulatedConv2d):
-            names[p + "weight"] = p + "weight_orig"
-        elif isinstance(m, EqualConv2d):
-            names[p + "weight"] = p + "conv.weight_orig"
-            names[p + "bias"] = p + "conv.bias"
-    return {k: names.get(k, k) for k in module.state_dict()}
-
-
-def load_official(module: nn.Module, checkpoint, prefix: str) -> nn.Module:
-    """Load official StyleGAN2 weights (path or loaded dict, with or without a `state_dict` wrapper) into `module`.
-
-    prefix: 'generator_ema.' for the generator GLEAN uses as its bank, 'discriminator.' for the discriminator.
-    Every key under the prefix must match in name and shape (see `official_names`).
-    """
-    source = str(checkpoint) if not isinstance(checkpoint, dict) else "checkpoint"
-    sd = state_dict_of(checkpoint if isinstance(checkpoint, dict) else load_file(checkpoint))
-    sd = {k: v for k, v in sd.items() if k.startswith(prefix)}
-    if not sd:
-        raise CheckpointError(f"{source} has no '{prefix}' keys: not an official StyleGAN2 weight file")
-    names = {k: prefix + v for k, v in official_names(module).items()}
-    load_state_strict(module, sd, names, source)
-    return module
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Latent banks from other StyleGAN2 code bases, renamed to ours here and nowhere else
-
-
-_ROSINALITY = [(r"^style\.", "style_mapping."), (r"^input\.input$", "constant_input.input"),
-               (r"\.modulation\.", ".style_modulation."), (r"\.noise\.weight$", ".noise_injector.weight"),
-               (r"^noises\.noise_", "injected_noise_")]
-
-
-def _from_rosinality(sd: dict) -> dict:
-    """rosinality/stylegan2-pytorch `g_ema` keys -> ours (same layers, shapes and weight scaling)."""
-    out = {}
-    for k, v in sd.items():
-        for pattern, repl in _ROSINALITY:
-            k = re.sub(pattern, repl, k)
-        out[k] = v
-    return out
-
-
-def _flatten_placeholders(obj, prefix="") -> dict:
-    """Tensors of a module tree that a restricted unpickler rebuilt as Placeholders (NVIDIA's persistent classes
-    pickle their state as {'_parameters', '_buffers', '_modules'} inside a `meta` dict), as a flat state dict."""
-    if isinstance(obj, Placeholder):
-        state = obj.state if isinstance(obj.state, dict) else {}
-        if obj.args and isinstance(obj.args[0], dict) and isinstance(obj.args[0].get("state"), dict):
-            state = obj.args[0]["state"]                                  # persistence._reconstruct_persistent_obj
-        out = {}
-        for group in ("_parameters", "_buffers"):
-            for name, t in _items(state.get(group)):
-                if torch.is_tensor(t):
-                    out[prefix + name] = t
-        for name, child in _items(state.get("_modules")):
-            out.update(_flatten_placeholders(child, f"{prefix}{name}."))
-        return out
-    return {}
-
-
-def _items(group) -> list:
-    """The (name, value) pairs of a pickled module's _parameters / _buffers / _modules dict (string names only)."""
-    return [(k, v) for k, v in group.items() if isinstance(k, str)] if isinstance(group, dict) else []
-
-
-def _from_ada(sd: dict) -> dict:
-    """NVIDIA stylegan2-ada-pytorch G / G_ema tensors -> ours. Weights lose the leading batch axis convention
-    ([O, I, k, k] there), noise is per-layer `noise_const` + scalar `noise_strength`; the FIR filters are checked to
-    be the [1, 3, 3, 1] ones our layers use. Not modelled: conv_clamp (None in the converted official models)."""
-    out, ref = {}, make_kernel([1, 3, 3, 1])
-    for k, v in sd.items():
-        if k.endswith("resample_filter"):
-            if v.shape != ref.shape or not torch.allclose(v.float(), ref, atol=1e-6):
-                raise CheckpointError(f"unsupported resample filter in '{k}' (expected [1, 3, 3, 1])")
-            continue
-        m = re.fullmatch(r"mapping\.fc(\d+)\.(weight|bias)", k)
-        if m:
-            out[f"style_mapping.{int(m[1]) + 1}.{m[2]}"] = v
-            continue
-        if k == "mapping.w_avg":
-            continue                                                      # truncation centre; see mean_latent
-        m = re.fullmatch(r"synthesis\.b(\d+)\.(const|conv0|conv1|torgb)\.?(.*)", k)
-        if not m:
-            raise CheckpointError(f"unexpected key '{k}' in a stylegan2-ada generator")
-        res, layer, rest = int(m[1]), m[2], m[3]
-        if layer == "const":
-            out["constant_input.input"] = v[None]
-            continue
-        k_blk = int(math.log2(res)) - 3                                   # -1 for the 4x4 block
-        if layer == "torgb":
-            name = "to_rgb1" if res == 4 else f"to_rgbs.{k_blk}"
-        else:
-            name = "conv1" if res == 4 else f"convs.{2 * k_blk + (layer == 'conv1')}"
-        noise = 0 if res == 4 else 2 * k_blk + 1 + (layer == "conv1")
-        target = {"weight": (f"{name}.conv.weight", lambda t: t[None]),
-                  "bias": (f"{name}.bias", lambda t: t.view(1, -1, 1, 1)) if layer == "torgb" else
-                          (f"{name}.activate.bias", lambda t: t),
-                  "affine.weight": (f"{name}.conv.style_modulation.weight", lambda t: t),
-                  "affine.bias": (f"{name}.conv.style_modulation.bias", lambda t: t),
-                  "noise_strength": (f"{name}.noise_injector.weight", lambda t: t.reshape(1)),
-                  "noise_const": (f"injected_noise_{noise}", lambda t: t[None, None])}.get(rest)
-        if target is None:
-            raise CheckpointError(f"unexpected key '{k}' in a stylegan2-ada generator")
-        out[target[0]] = target[1](v)
-    return out
-
-
-_LIMITS = {"style_channels": 1 << 14, "num_mlps": 64, "channel_multiplier": 64, "channel_base": 1 << 14}
-
-
-def _config(config, source: str) -> GeneratorConfig:
-    """A GeneratorConfig from a file's plain data (a dict, or JSON text), its numbers checked before anything is
-    built from them; or a CheckpointError naming the file."""
-    try:
-        cfg = GeneratorConfig(**(json.loads(config) if isinstance(config, str) else config))
-        for name, limit in _LIMITS.items():
-            v = getattr(cfg, name)
-            if not (type(v) is int and 1 <= v <= limit):
-                raise ValueError(f"{name} = {v!r:.40} is not a whole number from 1 to {limit}")
-        if not (1 <= len(cfg.blur_kernel) <= 16 and all(type(v) in (int, float) for v in cfg.blur_kernel)):
-            raise ValueError("blur_kernel is not a short list of numbers")
-        return cfg
-    except (TypeError, ValueError, RecursionError) as e:
-        why = "nested too deeply" if isinstance(e, RecursionError) else e
-        raise CheckpointError(f"{source}: its generator config is not usable ({why}); the file is damaged or "
-                              f"edited") from e
-
-
-def generator_state(ckpt, source: str = "checkpoint") -> tuple:
-    """A StyleGAN2 generator's weights from any supported file, renamed to ours: (state dict, config or None).
-
-    Recognised: this project's bank files ({'format': 'stylegan2', 'config', 'state_dict'}) and bank-training
-    checkpoints ('g_ema'), official mmagic/mmediting files (`generator_ema.*`), rosinality's .pt (`g_ema`), and
-    NVIDIA stylegan2-ada .pkl (`G_ema`, read by glean_io's restricted unpickler).
-    """
-    if isinstance(ckpt, (str, Path)):
-        source = str(ckpt)
-        ckpt = load_pickle(ckpt) if str(ckpt).endswith(".pkl") else load_file(ckpt)
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{source}: not a StyleGAN2 checkpoint")
-    meta = ckpt["metadata"] if isinstance(ckpt.get("metadata"), dict) else ckpt
-    if meta.get("format") == "stylegan2":                                 # ours (.pt or .safetensors)
-        config = meta.get("config")
-        return ({k: v for k, v in state_dict_of(ckpt, source).items() if not k.startswith("discriminator.")},
-                _config(config, source))
-    if ckpt.get("format") == "glean-train" and isinstance(ckpt.get("g_ema"), dict):   # our bank-training checkpoint
-        return named(ckpt["g_ema"], source), _config(ckpt.get("generator_config"), source)
-    if "G_ema" in ckpt:                                                   # NVIDIA stylegan2-ada pickle
-        return _from_ada(_flatten_placeholders(ckpt["G_ema"])), None
-    if "g_ema" in ckpt and isinstance(ckpt["g_ema"], dict):              # rosinality
-        return _from_rosinality(named(ckpt["g_ema"], source)), None
-    sd = state_dict_of(ckpt, source)
-    prefix = "generator_ema."
-    if any(k.startswith(prefix) for k in sd):                             # official mmagic / mmediting
-        with torch.device("meta"):
-            probe = Generator(infer_generator_config({k[len(prefix):]: v for k, v in sd.items()
-                                                      if k.startswith(prefix)}, official=True, source=source))
-        back = {v: k for k, v in official_names(probe).items()}
-        return {back.get(k[len(prefix):], k[len(prefix):]): v for k, v in sd.items() if k.startswith(prefix)}, None
-    raise CheckpointError(f"{source}: no StyleGAN2 generator found (expected this project's bank file, "
-                          f"'generator_ema.*' keys, rosinality's 'g_ema' or a stylegan2-ada .pkl with 'G_ema')")
-
-
-def infer_generator_config(sd: dict, official: bool = False, source: str = "checkpoint") -> GeneratorConfig:
-    """The GeneratorConfig a state dict (our names, or official names with official=True) was made with."""
-    lin = ".linear.weight_orig" if official else ".weight"
-    mlps = sorted(int(m[1]) for k in sd if (m := re.fullmatch(r"style_mapping\.(\d+)" + re.escape(lin), k)))
-    convs = [k for k in sd if re.fullmatch(r"convs\.\d+\.conv\.weight(_orig)?", k)]
-    if not mlps or "constant_input.input" not in sd or not convs:
-        raise CheckpointError(f"{source}: not a StyleGAN2 generator state dict (no mapping network, constant input "
-                              f"or convs)")
-    try:                                          # a crafted file's "tensors" may be anything: checked here
-        out_size = 2 ** (len(convs) // 2 + 2)
-        style = sd[f"style_mapping.{mlps[0]}{lin}"].shape[1]
-        base = sd["constant_input.input"].shape[1]
-        cm = 2
-        if out_size >= 64:  # ch[64] = 256 * cm * base / 512
-            c64 = sd[f"convs.{2 * 3}.conv.weight" + ("_orig" if official else "")].shape[1]
-            cm = max(1, round(c64 * 512 / (256 * base)))
-        return _config(dict(out_size=out_size, style_channels=style, num_mlps=len(mlps), channel_multiplier=cm,
-                            channel_base=base, lr_mlp=0.01), source)
-    except (KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
-        raise CheckpointError(f"{source}: its generator tensors do not make a StyleGAN2 generator ({e!r:.80})") from e
-
-
-def _with_kernels(G: Generator, sd: dict) -> dict:
-    """sd, plus G's FIR kernels (fixed buffers) where the source format has none (NVIDIA's files)."""
-    kernels = {k: v if not v.is_meta else torch.zeros(v.shape) for k, v in G.state_dict().items()
-               if k.endswith(".kernel") and k not in sd}
-    return {**sd, **kernels}
-
-
-def load_generator_weights(G: Generator, ckpt, source: str = "") -> Generator:
-    """Load weights from any file `generator_state` reads into G, strictly (every key and shape must match).
-    Buffers the source format has no counterpart for (the FIR kernels of NVIDIA's files) keep their values."""
-    source = source or (str(ckpt) if not isinstance(ckpt, dict) else "checkpoint")
-    sd = _with_kernels(G, generator_state(ckpt, source)[0])
-    load_state_strict(G, sd, {k: k for k in G.state_dict()}, source)
-    return G
-
-
-def load_generator(ckpt, config: GeneratorConfig | None = None) -> Generator:
-    """A Generator built from the file's own config (or inferred from its shapes) with its weights, in eval mode.
-    The file's tensors are checked against the configuration (on the meta device) before the model is built."""
-    source = str(ckpt) if not isinstance(ckpt, dict) else "checkpoint"
-    if isinstance(ckpt, (str, Path)):
-        ckpt = load_pickle(ckpt) if str(ckpt).endswith(".pkl") else load_file(ckpt)
-    sd, found = generator_state(ckpt, source)
-    cfg = config or found or infer_generator_config(sd, source=source)
-    with torch.device("meta"):
-        probe = Generator(cfg)
-    check_state(probe, _with_kernels(probe, sd), {k: k for k in probe.state_dict()}, source)
-    return load_generator_weights(Generator(cfg), ckpt, source).eval()
-
-
-def save_generator(G: Generator, path, discriminator: "Discriminator | None" = None) -> None:
-    """This project's bank file: the generator's tensors + its config as plain data (.safetensors or .pt), and
-    optionally the discriminator trained with it (tensors under 'discriminator.', its config in the metadata), from
-    which GLEAN training starts its own (as the official configs do from the StyleGAN2 release)."""
-    sd = {k: v.detach().contiguous().cpu() for k, v in G.state_dict().items()}
-    meta = {"format": "stylegan2", "config": asdict(G.cfg)}
-    if discriminator is not None:
-        sd.update({f"discriminator.{k}": v.detach().contiguous().cpu() for k, v in discriminator.state_dict().items()})
-        meta["discriminator_config"] = asdict(discriminator.cfg)
-    save_file({**meta, "state_dict": sd, "metadata": meta} if str(path).endswith(".safetensors") else
-              {**meta, "state_dict": sd}, path)

@@ -13,6 +13,7 @@ import torch
 import glean
 import glean_fast
 import stylegan2
+import weight_formats
 from glean_io import CheckpointError, download, load_file, named, sha256_of
 
 
@@ -129,26 +130,6 @@ def weights_file(name_or_path, progress: bool = True) -> Path:
     return path
 
 
-def official_config(sd: dict, source: str = "checkpoint") -> glean.GLEANConfig:
-    """The GLEANConfig an official release file was made with, read off its `generator.*` tensors: the encoder's
-    length gives in_size, the bank (stylegan2.infer_generator_config) out_size and widths, the RRDBNet its own."""
-    def count(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-    bank = {k[len("generator.generator."):]: v for k, v in sd.items() if k.startswith("generator.generator.")}
-    try:
-        g = stylegan2.infer_generator_config(bank, official=True)
-        rrdb = sd["generator.encoder.0.0.body.0.rdb1.conv1.weight"]          # [growth, channels, 3, 3]
-        last = f"generator.decoder.{count('generator.decoder.') - 1}.0.weight"   # [decoder_channels, ., 3, 3]
-        return glean.GLEANConfig(in_size=2 ** count("generator.encoder."), out_size=g.out_size,
-                                 rrdb_channels=rrdb.shape[1], rrdb_growth_channels=rrdb.shape[0],
-                                 num_rrdbs=count("generator.encoder.0.0.body."), style_channels=g.style_channels,
-                                 num_mlps=g.num_mlps, channel_multiplier=g.channel_multiplier,
-                                 channel_base=g.channel_base, decoder_channels=sd[last].shape[0])
-    except (KeyError, IndexError, AttributeError, ValueError, CheckpointError) as e:
-        raise CheckpointError(f"{source}: has 'generator.' keys but is not a complete official GLEAN release file "
-                              f"({e})") from e
-
-
 def local_file(name: str) -> Path | None:
     """Where a registered model's file already is (shipped, or downloaded before), without checking or fetching it;
     None if using it needs a download."""
@@ -197,7 +178,8 @@ def _load(name_or_path, cls, progress: bool) -> glean.GLEAN:
                         source=str(path))
     sd = ckpt.get("state_dict", ckpt)
     if isinstance(sd, dict) and any(isinstance(k, str) and k.startswith("generator.") for k in sd):
-        return cls.from_official(ckpt, official_config(named(sd, str(path)), str(path)), source=str(path))
+        return cls.from_official(ckpt, weight_formats.official_config(named(sd, str(path)), str(path)),
+                                 source=str(path))
     raise CheckpointError(f"{path}: not a GLEAN checkpoint (neither this project's format nor an official release "
                           f"file with 'generator.' keys)")
 
@@ -206,4 +188,4 @@ def load_bank(name_or_path, *, progress: bool = True) -> stylegan2.Generator:
     """A StyleGAN2 generator (a latent bank) from a registered name or a file of any format stylegan2 reads."""
     if name_or_path in WEIGHTS and not WEIGHTS[name_or_path].kind.startswith("stylegan2"):
         raise ValueError(f"'{name_or_path}' is a GLEAN model, not a latent bank")
-    return stylegan2.load_generator(weights_file(name_or_path, progress))
+    return weight_formats.load_generator(weights_file(name_or_path, progress))

@@ -138,8 +138,9 @@ lesson.save_figure(fig, "01_zone_plate.png")
 # ## 3. The resizers on faces
 #
 # Now the images the model is for. Ground truths y are 64x64 faces (LFW when the research data are present,
-# otherwise faces sampled from the shipped latent bank: see `lesson.faces`), and each resizer makes an 8x8 LR
-# image x from them. How far is each LR image from MATLAB's (PSNR on 8-bit values, higher = closer)?
+# otherwise faces sampled from the shipped latent bank, synthetic faces the bank itself drew: see `lesson.faces`),
+# and each resizer makes an 8x8 LR image x from them. How far is each LR image from MATLAB's (PSNR on 8-bit values,
+# higher = closer)?
 
 # %%
 n = 32
@@ -225,6 +226,6 @@ lesson.save_figure(fig, "01_glean_on_each_lr.png")
 #    Where does its LR land between MATLAB's and the plain bicubic, and what does the model make of it?
 # 2. Real photos are not only downscaled: add JPEG compression (Pillow, quality 50) to MATLAB's LR images and
 #    measure the model again. Which of the official models in `zoo.WEIGHTS` was trained for that (and how, in
-#    `train.degrade`)?
+#    `train_data.degrade`)?
 # 3. `images.resize_matrix` mirrors taps that fall outside the image. Build a variant that drops and
 #    renormalises them like Pillow, and check that it reproduces `pil_float` at the borders too.

@@ -34,10 +34,12 @@ gen = torch.Generator().manual_seed(0)       # every random draw of the chapter 
 # ## 1. The generator, layer by layer
 #
 # A mapping network turns a code z into a style vector w. The synthesis network starts from a learned 4x4
-# constant and, per resolution 8, 16, ..., 64, runs a 2x up-sampling style layer, a style layer and a toRGB layer
-# whose outputs are summed over resolutions (the "skip" RGB path). Every layer takes its own style vector: with
-# 2 log2(64) - 2 = 10 of them this bank's "W+" code is a [10, 96] matrix. GLEAN's encoder produces exactly such a
-# matrix, C (eq. 2), and never uses the mapping network.
+# constant and a style layer (`conv1`), then per resolution 8, 16, ..., 64 runs a 2x up-sampling style layer and a
+# style layer (`convs[2k]`, `convs[2k + 1]`) and a toRGB layer, whose RGB outputs are summed over resolutions (the
+# "skip" RGB path). Every style layer takes its own style vector, and each toRGB layer takes the vector of the
+# style layer after it: 9 style layers and the last toRGB make 2 log2(64) - 2 = 10 vectors, so this bank's "W+"
+# code is a [10, 96] matrix. GLEAN's encoder produces exactly such a matrix, C (eq. 2), and never uses the mapping
+# network.
 
 # %%
 G = zoo.load_bank("stylegan2_celeba_64")     # stylegan2.Generator, eval mode
@@ -46,6 +48,7 @@ print(cfg)
 print("style layers:", ["conv1 (4 px)"] + [f"{'up-conv' if i % 2 == 0 else 'conv'} ({r} px)"
                                             for r in G.resolutions for i in range(2)])
 lesson.result("bank_params", sum(p.numel() for p in G.parameters()), ".0f")
+lesson.result("num_style_layers", 1 + len(G.convs), ".0f")
 lesson.result("num_latents", G.num_latents, ".0f")
 lesson.result("num_noise_inputs", G.num_injected_noises, ".0f")
 
@@ -83,15 +86,26 @@ lesson.result("modulated_conv_maxdiff", (y_loop - y_layer).abs().max(), ".2e")
 # %% [markdown]
 # `stylegan2.ModulatedConv2d.forward` folds the batch into the channel axis ([1, B C_in, H, W]) and runs one
 # convolution with `groups=B`: the same B convolutions as the loop, in one call. The up-sampling layer is the same
-# modulated weight used as a stride-2 transposed convolution, followed by the [1, 3, 3, 1] blur:
+# modulation, used as a stride-2 transposed convolution, followed by the [1, 3, 3, 1] blur. Written out from the
+# layer's stored weights only: a transposed convolution with stride 2 is a zero-inserted input convolved with the
+# flipped kernel, and the blur is the separable [1, 3, 3, 1] filter, scaled by 4 so that the zeros do not darken
+# the image:
 
 # %%
 up = copy.deepcopy(G.convs[0].conv).double()                          # 4 px -> 8 px
 x4 = torch.randn(B, up.in_channels, 4, 4, generator=gen).double()
-Wu = up.modulated_weight(w)                                           # [B, O, I, 3, 3]
-y_loop = torch.stack([up.blur(F.conv_transpose2d(x4[b:b + 1], Wu[b].transpose(0, 1), stride=2))[0]
-                      for b in range(B)])                             # [B, O, 9, 9] -> blur -> [B, O, 8, 8]
-lesson.result("upsampling_conv_maxdiff", (y_loop - up(x4, w)).abs().max(), ".2e")
+A = up.style_modulation
+s = w @ (A.weight * A.scale).T + A.bias * A.lr_mul                    # s = A(w)                      [B, C_in]
+Wu = up.weight[0] / (up.in_channels * 9) ** 0.5 * s[:, None, :, None, None]    # W' [B, O, I, 3, 3]
+Wu = Wu / torch.sqrt(Wu.square().sum(dim=(2, 3, 4), keepdim=True) + up.eps)  # W''
+z = torch.zeros(B, up.in_channels, 7, 7, dtype=torch.float64)
+z[..., ::2, ::2] = x4                                                 # zero insertion           [B, I, 7, 7]
+z = F.pad(z, [2, 2, 2, 2])                                            # a "full" 3x3 convolution [B, I, 11, 11]
+t = torch.stack([F.conv2d(z[b:b + 1], Wu[b].flip([2, 3]))[0] for b in range(B)])   # [B, O, 9, 9]
+k = torch.tensor([1.0, 3, 3, 1], dtype=torch.float64)
+blur = (k[:, None] * k[None]) / 64 * 4                                # [4, 4], sums to 4
+y_up = F.conv2d(F.pad(t, [1, 1, 1, 1]), blur.expand(t.shape[1], 1, 4, 4), groups=t.shape[1])   # [B, O, 8, 8]
+lesson.result("upsampling_conv_maxdiff", (y_up - up(x4, w)).abs().max(), ".2e")
 
 # %% [markdown]
 # What demodulation buys: the per-channel standard deviation of the output, for unit-variance inputs, with and
@@ -123,11 +137,12 @@ lesson.save_figure(fig, "02_samples_truncation.png")
 # %% [markdown]
 # ## 4. Noise
 #
-# Each style layer adds a noise map (one per resolution, scaled by a learned per-layer strength) before its
-# activation: StyleGAN's source of stochastic detail (hair strands, pores), which the styles need not encode.
-# `noise="random"` draws fresh maps, `noise="const"` uses the fixed maps stored with the weights
-# (`injected_noise_i`). **GLEAN always uses the fixed maps** (`bank.noises()` in `glean.GLEAN.forward`): the
-# output is a deterministic function of the LR input.
+# Each style layer adds a noise map of its own (9 maps here, `injected_noise_0` for `conv1`, then one per layer
+# of `convs`: two per resolution), scaled by a learned per-layer strength, before its activation: StyleGAN's
+# source of stochastic detail (hair strands, pores), which the styles need not encode. `noise="random"` draws
+# fresh maps, `noise="const"` uses the fixed maps stored with the weights. **GLEAN always uses the fixed maps**
+# (`glean.GLEAN.style_layer` passes layer n its map `injected_noise_n`): the output is a deterministic function of
+# the LR input.
 
 # %%
 print("learned noise strengths:", [f"{c.noise_injector.weight.item():+.4f}" for c in [G.conv1, *G.convs]])
@@ -179,17 +194,17 @@ lesson.save_figure(fig, "02_style_mixing.png")
 
 # %% [markdown]
 # With B's first 4 of 10 vectors (up to the first 16 px layer) the 8x8 image is already about three times closer to
-# B's than to A's, and with 6 almost B's own; the remaining vectors change mostly what an 8x LR image cannot see.
-# GLEAN's encoder has to infer all ten from the LR image: the first few from what it sees, the rest as a plausible
-# guess, which the bank then turns into detail. It also passes spatial features f_i into the bank (eq. 3), which a
-# style vector, one number per channel, cannot carry.
+# B's than to A's (`mix4_lr_mse_to_A / mix4_lr_mse_to_B`), and with 6 ten times closer; the remaining vectors change
+# mostly what an 8x LR image cannot see. GLEAN's encoder has to infer all ten from the LR image: the first few from
+# what it sees, the rest as a plausible guess, which the bank then turns into detail. It also passes spatial
+# features f_i into the bank (eq. 3), which a style vector, one number per channel, cannot carry.
 #
 # ## Exercises
 #
 # 1. Repeat section 2 for a `ToRGB` layer (`G.to_rgbs[0].conv`): it is modulated but not demodulated. Why would
 #    demodulating the RGB output be a bad idea?
-# 2. Set the noise strength of the 64 px layers to zero (`G.convs[7].noise_injector.weight.zero_()`) and redo
-#    section 4: which layers' noise carries most of `noise_effect`?
+# 2. Set the noise strength of the two 64 px layers to zero (`G.convs[6]` and `G.convs[7]`:
+#    `.noise_injector.weight.zero_()`) and redo section 4: which layers' noise carries most of `noise_effect`?
 # 3. Style mixing in the other direction: take B's *last* six vectors (`inject_index=4` with `[w_A, w_B]`). How does
 #    the 8x8 distance change, and what does that say about which vectors GLEAN's encoder can infer from an LR
 #    image?

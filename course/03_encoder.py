@@ -41,8 +41,8 @@ torch.set_grad_enabled(False)
 # ## 1. The shipped model
 #
 # In `glean.GLEAN` the encoder is one `nn.ModuleList`: `encoder[0]` is E_0 (RRDBNet + a conv to the bank's width),
-# `encoder[1..N]` are E_1..E_N, `encoder[-1]` is E_{N+1}. `GLEAN.forward` keeps the f_i in a dict keyed by
-# resolution, so to see them from outside we attach forward hooks that record each block's input and output.
+# `encoder[1..N]` are E_1..E_N, `encoder[-1]` is E_{N+1}. `GLEAN.forward` keeps the f_i in a local list, f[i], so
+# to see them from outside we attach forward hooks that record each block's input and output.
 
 # %%
 model = zoo.load_pretrained("glean_face_small_8x", fast=False)   # reference implementation, eval mode
@@ -162,16 +162,17 @@ lesson.save_figure(fig, "03_parameters.png")
 # Eq. (3), g_i = S_i(c_i, g_{i-1}, f_{N-i}), pairs each bank block with the encoder feature of its resolution:
 # f_N (4x4) with the first block, ..., f_0 (in_size) with the block at in_size. Above in_size there are no
 # encoder features: the bank's blocks at 128 ... 1024 px of the 16x model are steered by their latent vectors
-# alone, and their features reach the output through the decoder (chapter 4). The code names every map by its
-# resolution r instead of i (f[r] with r = in_size / 2^i), which needs no index arithmetic. The style layers take
-# c_0, c_1, ... in order (chapter 2); the toRGB layers share the index of the next up-sampling layer, so the last
-# vector is read by the last toRGB layer alone, which GLEAN does not run when it has a decoder:
+# alone, and their features reach the output through the decoder (chapter 4). `GLEAN.forward` keeps both lists in
+# the paper's order, f[i] at in_size / 2^i and g[i] at 4 * 2^i, so S_i fuses f[N - i]. The style layers take
+# c_0, c_1, ... in order (chapter 2), two per block: layer n of [conv1, *convs] takes row n of C. The toRGB layers
+# share the index of the next up-sampling layer, so the last vector is read by the last toRGB layer alone, which
+# GLEAN does not run when it has a decoder:
 
 # %%
 for label, c in configs.items():
     n_in = int(math.log2(c.in_size))
     print(f"{label}:")
-    print("  encoder features: " + ", ".join(f"f_{i} = f[{c.in_size >> i}]" for i in range(n_in - 1)))
+    print("  encoder features: " + ", ".join(f"f_{i} at {c.in_size >> i} px" for i in range(n_in - 1)))
     layer = ["conv1 4px"] + [f"{'up' if j % 2 == 0 else 'conv'} {r}px"
                              for r in (2 ** e for e in range(3, int(math.log2(c.out_size)) + 1)) for j in range(2)]
     fused = [r for r in (2 ** e for e in range(2, n_in + 1))]

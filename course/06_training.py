@@ -47,12 +47,12 @@ torch.manual_seed(0)
 # ## 1. Every loss on one batch
 #
 # The generator is the shipped model (the reference `glean.GLEAN`) in training mode; the batch is four faces and
-# their 8x8 LR versions. The discriminator is a randomly initialised StyleGAN2 discriminator at 64 px (the shipped
+# their 8x8 LR versions (LFW photographs when present, else the shipped bank's own samples: synthetic "ground
+# truths", see chapter 4). The discriminator is a randomly initialised StyleGAN2 discriminator at 64 px (the shipped
 # bank was trained with one, but its file holds only the generator).
 
 # %%
 G = zoo.load_pretrained("glean_face_small_8x", fast=False).train()
-lesson.result("bank_in_training_mode", float(G.bank.training), ".0f")   # GLEAN.train() keeps the bank in eval mode
 y, source = lesson.faces(4)
 print(f"SOURCE {source}: {lesson.describe_source(source, 4)}")
 x = images.imresize(y, size=G.cfg.in_size)                                  # [4, 3, 8, 8]
@@ -65,7 +65,8 @@ with tempfile.TemporaryDirectory() as tmp:                                  # ra
                vgg_file)
     percep = train.PerceptualLoss(str(vgg_file))
 cfg = train.TrainConfig()                                                   # Appendix A's weights: 1, 1e-2, 1e-2
-print(f"alpha_percep = {cfg.percep_weight}, alpha_gen = {cfg.gan_weight}")
+lesson.result("alpha_percep", cfg.percep_weight, ".0e")
+lesson.result("alpha_gen", cfg.gan_weight, ".0e")
 
 y_hat = G(x)                                                                # [4, 3, 64, 64]
 l_mse = train.pixel_loss(y_hat, y)                                          # Eq. (5)
@@ -76,19 +77,46 @@ l_g = train.glean_loss(l_mse, l_percep, l_gen, cfg)                         # Eq
 l_d = train.discriminator_loss(D(y), D(y_hat.detach()))                     # Eq. (9), as a loss to minimise
 for name, v in (("l_mse", l_mse), ("l_percep_random_vgg", l_percep), ("l_gen", l_gen), ("l_g", l_g), ("l_d", l_d)):
     lesson.result(name, v.item(), ".5f")
-
-# the same numbers, written out
-lesson.result("eq5_check", (l_mse - (y_hat - y).square().mean()).abs().item(), ".2e")
-lesson.result("eq8_check", (l_g - (l_mse + 1e-2 * l_percep + 1e-2 * l_gen)).abs().item(), ".2e")
-lesson.result("eq7_check", (l_gen + torch.log(torch.sigmoid(fake_logits)).mean()).abs().item(), ".2e")
-lesson.result("percep_of_identical_images", percep(y, y).item(), ".2e")
+lesson.result("l_mse_share_of_l_g", (l_mse / l_g).item(), ".3f")           # the alphas make L_mse lead
 
 # %% [markdown]
-# About eq. (7): the paper writes L_gen = log(1 - D(y_hat)), the original minimax form. Like the official code and
-# StyleGAN2, `train.generator_adv_loss` minimises -log D(y_hat) = softplus(-logit) instead (the `eq7_check` line):
-# the same fixed point, but strong gradients when the discriminator is confident, which is exactly when the
-# minimax form's gradient vanishes. Eq. (9) likewise is maximised by minimising its negation,
-# softplus(logit_fake) + softplus(-logit_real).
+# With alpha_percep = alpha_gen = 1e-2 the fidelity term L_mse makes up most of L_g for this trained model
+# (`l_mse_share_of_l_g`, over half on both kinds of faces): the perceptual and adversarial terms steer, they do not
+# dominate. Three checks that the losses mean what the paper says:
+#
+# - **eq. (5) is the PSNR's MSE.** For images in [-1, 1] (a range of 2), PSNR = 10 log10(2^2 / MSE): from the
+#   MSE of each image we predict `evaluate.psnr` (which works on 8-bit values) to within rounding;
+# - **eq. (6) compares conv4_3 features**: VGG16's 512 channels at 1/8 of the image's size;
+# - **eq. (9) rewards a right discriminator**: L_d (minimised) is small when D says "real" to y and "fake" to
+#   y_hat (logits +3 and -3), and 2 log 2 = 1.386 when it cannot tell (logits 0).
+
+# %%
+per_image_mse = (y_hat - y).square().flatten(1).mean(1)                     # eq. (5) for each image
+predicted = 10 * torch.log10(4 / per_image_mse)
+lesson.result("psnr_from_l_mse_maxgap", (predicted - evaluate.psnr(y_hat, y)).abs().max().item(), ".3f")
+features = percep.f(percep.normalise(y))                                    # f(y) of eq. (6)
+lesson.result("percep_feature_channels", features.shape[1], ".0f")
+lesson.result("percep_feature_size", features.shape[-1], ".0f")
+right, chance = torch.full((4, 1), 3.0), torch.zeros(4, 1)
+lesson.result("l_d_right_discriminator", train.discriminator_loss(right, -right).item(), ".4f")
+lesson.result("l_d_at_chance", train.discriminator_loss(chance, chance).item(), ".4f")
+
+# %% [markdown]
+# About eq. (7): the paper writes L_gen = log(1 - D(y_hat)) (`train.paper_generator_adv_loss`), the original
+# minimax form. Like the official code and StyleGAN2, `train.generator_adv_loss` minimises -log D(y_hat) =
+# softplus(-logit) instead: the same goal, D(y_hat) -> 1, but not the same gradient. Where D is sure an image is
+# fake (logit -4, as early in training) the paper's form is nearly flat and the non-saturating one is steep; where
+# D is fooled (logit +4) it is the other way round. The gradients with respect to the logit:
+
+# %%
+for name, logit in (("confident_D", -4.0), ("fooled_D", 4.0)):
+    for form, loss in (("paper", train.paper_generator_adv_loss), ("nonsaturating", train.generator_adv_loss)):
+        t = torch.tensor([[logit]], requires_grad=True)
+        (grad,) = torch.autograd.grad(loss(t), t)
+        lesson.result(f"grad_{form}_at_{name}", grad.item(), ".4f")
+
+# %% [markdown]
+# Eq. (9) likewise is maximised by minimising its negation, softplus(logit_fake) + softplus(-logit_real).
 #
 # ## 2. One optimisation step, bank frozen
 #
@@ -131,20 +159,23 @@ with torch.no_grad():
 
 # %% [markdown]
 # Adam's first step moves every trainable weight by about the learning rate (1e-4) in the direction of its
-# gradient's sign, whatever the gradient's size; on a converged model that blunt first step can even raise the
-# batch's MSE a little (`l_mse_after_step`). The bank's weights and buffers are bit-for-bit unchanged. `train.py`
+# gradient's sign, whatever the gradient's size (`encoder_max_change_after_step`). On a trained model that blunt
+# first step moves the batch's MSE by up to a fifth, up or down depending on the batch (`l_mse_after_step` against
+# `l_mse`): Adam's moment estimates need a few steps before its steps follow the gradient's size. The bank's
+# weights and buffers are bit-for-bit unchanged. `train.py`
 # checks the same thing at the end of every run (`latent bank tensor ... changed during training` would stop it).
 #
 # ## 3. A tiny training run
 #
-# Now `train.py` itself, as a function (`train.main([...])` takes the command-line arguments). To fit in about a
-# minute on two CPU cores the GLEAN is tiny (an RRDBNet of 16 channels with one block, a decoder of 16 channels)
-# around the shipped bank, trained from scratch for 80 steps of 8 images with eq. (5) and (7) (alpha_percep = 0:
-# no ImageNet VGG offline). The images:
+# Now `train.py` itself, as a function (`train.main([...])` takes the command-line arguments). To fit in well under
+# a minute on two CPU cores the GLEAN is tiny (an RRDBNet of 16 channels with one block, a decoder of 16 channels)
+# around the shipped bank, trained from scratch for 30 steps of 8 images with eq. (5) and (7) (alpha_percep = 0:
+# no ImageNet VGG offline). course/train_minimal.py is the same loop written out in one screen. The images:
 #
 # - with the research data present, CelebA photos (what the shipped model was trained on), cropped at the
 #   shipped model's framing (`--crop 8 23 73`, weights/MODEL_CARD.md);
-# - otherwise 64 faces sampled from the bank, written as PNG files to `$COURSE_OUT/06_bank_faces/`.
+# - otherwise 64 faces sampled from the bank (synthetic faces), written as PNG files to
+#   `$COURSE_OUT/06_bank_faces/`.
 
 # %%
 out = lesson.out_dir()
@@ -164,7 +195,7 @@ run = out / "06_tiny_run"
 shutil.rmtree(run, ignore_errors=True)                                      # train.py refuses to overwrite a run
 args = ["--data", str(data), *crop, "--out-size", "64", "--scale", "8", "--model", json.dumps(tiny),
         "--bank", "stylegan2_celeba_64", "--percep-weight", "0", "--gan-weight", "0.01", "--disc", "none",
-        "--iters", "80", "--batch", "8", "--lr", "1e-3", "--workers", "0", "--log-every", "2",
+        "--iters", "30", "--batch", "8", "--lr", "2e-3", "--workers", "0", "--log-every", "1",
         "--ckpt-every", "1000", "--seed", "0", "--no-tensorboard", "--out", str(run)]
 print("python train.py " + " ".join(a if " " not in a else f"'{a}'" for a in args))
 threads = torch.get_num_threads()
@@ -183,6 +214,8 @@ lesson.result("tiny_run_mse_first", first, ".4f")
 lesson.result("tiny_run_mse_last", last, ".4f")
 lesson.result("tiny_run_mse_ratio", last / first, ".3f")
 lesson.result("tiny_run_seconds", rows[-1]["time"], ".1f")
+lesson.result("tiny_run_gen_mean", sum(r["loss/gen"] for r in rows) / len(rows), ".3f")
+lesson.result("tiny_run_d_mean", sum(r["loss/d"] for r in rows) / len(rows), ".3f")
 
 fig, ax = plt.subplots(1, 2, figsize=(9, 3))
 ax[0].plot(steps, mse, label="L_mse (eq. 5)")
@@ -201,9 +234,10 @@ lesson.save_figure(fig, "06_loss_curve.png")
 
 # %% [markdown]
 # The MSE falls fast at first (the network learns colour and layout, which bicubic upscaling would give it too)
-# and then slowly; the adversarial terms hover around log 2 ~ 0.69 (L_gen) and 2 log 2 ~ 1.39 (L_d), where a
-# discriminator that cannot tell real from fake sits, and drift as it learns. 80 steps is nothing: the shipped
-# model had 9,500 steps of 16 images, the paper 300k steps.
+# and then slowly; the adversarial terms stay near log 2 ~ 0.69 (L_gen) and 2 log 2 ~ 1.39 (L_d), where a
+# discriminator that cannot tell real from fake sits (`tiny_run_gen_mean`, `tiny_run_d_mean`: their means over the
+# run), and drift as it learns. 30 steps is nothing: the shipped model trained for 1,500 + 7,000 + 4,000 steps of
+# 16 images (weights/MODEL_CARD.md), the paper for 300k steps.
 #
 # The run's result is a model file like any other. The tiny model next to the shipped one, on the astronaut:
 
@@ -217,12 +251,12 @@ with torch.no_grad():
     x_a = images.imresize(y_a, size=8)
     panels = [x_a[0], images.imresize(x_a, size=64)[0], small(x_a)[0], G(x_a)[0], y_a[0]]
     lesson.result("tiny_run_astronaut_psnr", evaluate.psnr(small(x_a), y_a).item(), ".2f")
-fig = lesson.image_grid([panels], ["LR 8x8", "bicubic", "tiny run (80 steps)", "shipped (+1 step)", "ground truth"])
+fig = lesson.image_grid([panels], ["LR 8x8", "bicubic", "tiny run (30 steps)", "shipped (+1 step)", "ground truth"])
 lesson.save_figure(fig, "06_tiny_run_output.png")
 
 # %% [markdown]
-# (The shipped model here has taken the one optimisation step of section 2, with lr 1e-4: a change far below what
-# the eye can see.)
+# (The shipped model here has taken the one optimisation step of section 2, with lr 1e-4: the change measured by
+# `l_mse_after_step`.)
 #
 # ## Exercises
 #

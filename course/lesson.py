@@ -141,5 +141,6 @@ def faces(n: int, size: int = 64, whole: bool = False) -> tuple:
 def describe_source(source: str, n: int) -> str:
     return {"lfw": f"the first {n} LFW faces of shared/data/lfw_val_128 (research use: figures stay in $COURSE_OUT)",
             "folder": f"the first {n} images of $GLEAN_FACES={os.environ.get('GLEAN_FACES')}",
-            "bank": f"{n} samples of the shipped 64 px bank (synthetic faces; no LFW found, or GLEAN_FACES=none)",
+            "bank": f"{n} samples of the shipped 64 px bank (synthetic faces, the bank's own drawings, as ground "
+                    f"truths; no LFW found, or GLEAN_FACES=none)",
             }[source]

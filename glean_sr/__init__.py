@@ -1,4 +1,5 @@
-"""GLEAN super-resolution (Chan et al., CVPR 2021) as an installed package: `pip install glean-sr`.
+"""GLEAN super-resolution (Chan et al., CVPR 2021) as an installed package: `pip install .` in a clone, or the wheel
+`pip wheel --no-deps . -w dist` builds there (no package index serves it).
 
     from glean_sr import load_model, upscale
     model = load_model()                               # the shipped 8x face model: offline, no download
@@ -28,7 +29,8 @@ load_model, upscale = infer.load_model, infer.upscale
 
 
 def upscale_cli() -> int:
-    """The `glean-upscale` command: infer.py's command line."""
+    """The `glean-upscale` command: infer.py's command line, its --help showing the command as it is typed here."""
+    infer.__doc__ = infer.__doc__.replace("python infer.py", "glean-upscale")
     return infer.main()
 
 
@@ -37,10 +39,12 @@ def demo_cli() -> int:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        print("error: glean-demo needs Gradio: pip install 'glean-sr[demo]'", file=sys.stderr)
+        print("error: glean-demo needs Gradio: pip install gradio, or reinstall with the demo extra "
+              "(pip install '.[demo]' in the clone)", file=sys.stderr)
         return 2
     if WHEEL:
         from . import demo
     else:
         import demo
+    demo.__doc__ = demo.__doc__.replace("python demo.py", "glean-demo")   # --help shows the command as typed
     return demo.main()

@@ -10,6 +10,7 @@ import glean
 import glean_fast
 import glean_io
 import stylegan2
+import weight_formats
 from conftest import DATA, tiny_cfg
 from glean_io import CheckpointError
 
@@ -87,8 +88,8 @@ def test_official_stylegan2_weights_load(name, cfg):
         G = stylegan2.Generator(stylegan2.GeneratorConfig(**cfg))
         D = stylegan2.Discriminator(stylegan2.DiscriminatorConfig(in_size=cfg["out_size"]))
     wrapped = {"state_dict": {**g_sd, **d_sd}}
-    stylegan2.load_official(G, wrapped, "generator_ema.")
-    stylegan2.load_official(D, {**g_sd, **d_sd}, "discriminator.")  # also without the state_dict wrapper
+    weight_formats.load_official(G, wrapped, "generator_ema.")
+    weight_formats.load_official(D, {**g_sd, **d_sd}, "discriminator.")  # also without the state_dict wrapper
     assert not any(t.is_meta for t in G.state_dict().values()) and not any(t.is_meta for t in D.state_dict().values())
     assert sum(p.numel() for p in G.parameters()) == m["generator_ema"]["summary"]["num_parameters"]
     assert sum(p.numel() for p in D.parameters()) == m["discriminator"]["summary"]["num_parameters"]
@@ -98,7 +99,7 @@ def test_bank_loading_into_glean(tmp_path):
     cfg = tiny_cfg()
     model = glean.GLEAN(cfg)
     G = stylegan2.Generator(cfg.bank_config())
-    names = stylegan2.official_names(G)
+    names = weight_formats.stylegan2_official_names(G)
     path = tmp_path / "bank.pth"
     torch.save({"state_dict": {"generator_ema." + names[k]: v for k, v in G.state_dict().items()}}, path)
     model.load_bank(path)

@@ -362,7 +362,7 @@ def test_odd_tensors_are_named_before_anything_is_built(tmp_path, monkeypatch):
     assert built == ["meta"]
     for bad in ({"num_mlps": 10 ** 9}, {"style_channels": -1}, {"style_channels": True}, {"blur_kernel": "x" * 99}):
         save(tmp_path / "cfg.pt", {"format": "stylegan2", "state_dict": {}, "config": {"out_size": 64, **bad}})
-        one_line_error(zoo.load_bank, tmp_path / "cfg.pt", "generator config is not usable")
+        one_line_error(zoo.load_bank, tmp_path / "cfg.pt", "config is not usable")
     from conftest import tiny_cfg
     import glean
     glean.GLEAN(tiny_cfg()).save(tmp_path / "good.pt")

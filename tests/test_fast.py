@@ -10,6 +10,7 @@ import torch
 import glean
 import glean_fast
 import stylegan2
+import weight_formats
 from bench import large_activation_weights_
 from conftest import ROOT, tiny_cfg
 
@@ -208,7 +209,7 @@ def test_loading_lays_out_weights_for_the_fast_path(tmp_path):
     fast, ref = glean_fast.GLEANFast.load(tmp_path / "m.safetensors"), glean.GLEAN.load(tmp_path / "m.safetensors")
     assert fast.encoder[0][1].weight.is_contiguous(memory_format=torch.channels_last)
     assert ref.encoder[0][1].weight.is_contiguous()
-    stylegan2.save_generator(stylegan2.Generator(fast.cfg.bank_config()), tmp_path / "bank.pt")
+    weight_formats.save_generator(stylegan2.Generator(fast.cfg.bank_config()), tmp_path / "bank.pt")
     fast.load_bank(tmp_path / "bank.pt")
     assert fast.bank.convs[1].conv.weight[0].is_contiguous(memory_format=torch.channels_last)
     x = torch.rand(1, 3, 8, 8)

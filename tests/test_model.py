@@ -80,7 +80,7 @@ def test_bank_frozen_after_optimizer_step():
         opt.zero_grad()
         model(torch.rand(2, 3, 8, 8) * 2 - 1).square().mean().backward()
         opt.step()
-    assert not model.bank.training
+    assert not any(p.requires_grad for p in model.bank.parameters())
     for k, v in model.bank.state_dict().items():
         assert torch.equal(v, bank_before[k]), f"bank tensor {k} changed"
     changed = [k for k, v in model.state_dict().items() if k in other_before and not torch.equal(v, other_before[k])]

@@ -1,6 +1,7 @@
 """A pip install is a whole product: the wheel built from a clean checkout, installed without the checkout on the
 path, runs glean-upscale offline with the shipped model, starts glean-demo, and installs no generic top-level
 names."""
+import importlib.util
 import os
 import shutil
 import site
@@ -107,3 +108,16 @@ def test_glean_demo_starts(installed):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_console_scripts_help_shows_the_command_as_typed(installed):
+    """`glean-upscale --help` (and `glean-demo --help`) show examples with the installed command, not the clone's
+    `python infer.py`."""
+    env = env_without_checkout(installed)
+    scripts = [("glean-upscale", "python infer.py")] + ([("glean-demo", "python demo.py")]
+                                                      if importlib.util.find_spec("gradio") else [])
+    for script, clone_form in scripts:
+        p = subprocess.run([sys.executable, "-S", str(installed / "site" / "bin" / script), "--help"], cwd=installed,
+                           env=env, capture_output=True, text=True)
+        assert p.returncode == 0 and f"usage: {script}" in p.stdout, p.stderr
+        assert f"    {script} " in p.stdout and clone_form not in p.stdout, p.stdout[:600]

@@ -21,7 +21,12 @@ import glean
 from images import imresize
 import zoo
 import stylegan2
+import images as images_module
 import train
+import train_cli
+import train_data
+import train_run
+import weight_formats
 from conftest import ROOT
 
 TINY_BANK = {"style_channels": 16, "num_mlps": 2, "channel_multiplier": 1, "channel_base": 16}
@@ -67,13 +72,13 @@ def test_bank_stage(images, tmp_path):
     assert train.main(["--stage", "bank", "--data", str(images), "--out-size", "16", "--model", json.dumps(TINY_BANK),
                        "--iters", "6", "--batch", "4", "--reg-every", "3", "--workers", "1", "--log-every", "2",
                        "--val-every", "3", "--ckpt-every", "3", "--out", str(run)]) == 0
-    assert [p.name for p in train.checkpoints(run)] == ["step_00000003.pt", "step_00000006.pt"]
+    assert [p.name for p in train_run.checkpoints(run)] == ["step_00000003.pt", "step_00000006.pt"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6] and "loss/r1" in rows[2]
     assert any((run / "tb").iterdir())
-    G = stylegan2.load_generator(run / "bank.safetensors")          # the EMA generator, in this project's bank format
+    G = weight_formats.load_generator(run / "bank.safetensors")          # the EMA generator, in our bank format
     assert G.cfg.out_size == 16 and G.sample(2, seed=0).shape == (2, 3, 16, 16)
-    ckpt = torch.load(train.checkpoints(run)[-1], weights_only=True)  # plain data only
+    ckpt = torch.load(train_run.checkpoints(run)[-1], weights_only=True)  # plain data only
     assert ckpt["step"] == 6 and set(ckpt) >= {"g", "d", "g_ema", "opt_g", "opt_d", "rng", "config"}
 
 
@@ -93,7 +98,7 @@ def test_glean_stage_with_validation_perceptual_loss_and_a_corrupt_file(images, 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["val/psnr"] for r in rows if "val/psnr" in r]
     assert all(r["loss/percep"] > 0 for r in rows if "loss/percep" in r)
-    model = zoo.load_pretrained(train.checkpoints(run)[-1])     # a training checkpoint is a usable model
+    model = zoo.load_pretrained(train_run.checkpoints(run)[-1])     # a training checkpoint is a usable model
     assert model(torch.zeros(1, 3, 8, 8)).shape == (1, 3, 32, 32)
     final = zoo.load_pretrained(run / "glean.safetensors")      # and so is the finished run's model file
     for k, v in final.state_dict().items():
@@ -110,7 +115,7 @@ def test_corrupt_file_is_named(images, tmp_path, capsys):
     data.mkdir()
     (data / "ok.png").write_bytes((images / "im01.png").read_bytes())
     (data / "broken.jpg").write_bytes(b"not a jpeg")
-    ds = train.SRDataset(data, 32, 8)
+    ds = train_data.SRDataset(data, 32, 8)
     for i in range(len(ds)):
         assert ds[(i, 0)]["lr"].shape == (3, 8, 8)
     assert "broken.jpg" in capsys.readouterr().err
@@ -129,8 +134,8 @@ def test_overfitting_a_tiny_batch(images, bank32, tmp_path):
     first, last = np.mean([m[s]["loss/mse"] for s in (1, 2, 3)]), np.mean([m[s]["loss/mse"] for s in (58, 59, 60)])
     assert last < 0.3 * first, (first, last)
     # the latent bank is bit-identical to the file it came from
-    bank = stylegan2.load_generator(bank32).state_dict()
-    trained = torch.load(train.checkpoints(run)[-1], weights_only=True)["model"]
+    bank = weight_formats.load_generator(bank32).state_dict()
+    trained = torch.load(train_run.checkpoints(run)[-1], weights_only=True)["model"]
     for k, v in bank.items():
         assert torch.equal(trained[f"bank.{k}"], v), k
 
@@ -159,8 +164,8 @@ def same_run(a: Path, b: Path, steps: int, keys=("loss/mse", "loss/gen", "loss/d
     for s in ma:
         for key in keys:
             assert ma[s][key] == pytest.approx(mb[s][key], rel=1e-5, abs=1e-7), (s, key)
-    wa = torch.load(train.checkpoints(a)[-1], weights_only=True)["model"]
-    wb = torch.load(train.checkpoints(b)[-1], weights_only=True)["model"]
+    wa = torch.load(train_run.checkpoints(a)[-1], weights_only=True)["model"]
+    wb = torch.load(train_run.checkpoints(b)[-1], weights_only=True)["model"]
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
 
@@ -181,7 +186,7 @@ def test_resume_after_sigterm_equals_uninterrupted(images, bank32, tmp_path):
     assert proc.returncode == 0, err
     assert "SIGTERM" in err and "stopped at step" in out and "killed by signal" not in err
     assert "step 2/12" in err and "images/s" in err and "ETA" in err      # progress lines without a terminal
-    stopped = train.checkpoints(part)[-1]
+    stopped = train_run.checkpoints(part)[-1]
     k = torch.load(stopped, weights_only=True)["step"]
     assert 3 <= k < 12, "interrupt came too late to test a resume"
     with open(part / "metrics.jsonl", "a") as f:                # rows logged after the checkpoint, and a cut line
@@ -198,12 +203,12 @@ def test_logger_continues_after_a_resume(tmp_path):
     """TensorBoard and metrics.jsonl of a resumed run read as one run: what was logged after the checkpoint is
     dropped, the time goes on."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    cfg, env = train.TrainConfig(iters=10), train.Env(0, 1, torch.device("cpu"))
-    log = train.Logger(tmp_path, cfg, env, start=0)
+    cfg, env = train.TrainConfig(iters=10), train_run.Env(0, 1, torch.device("cpu"))
+    log = train_run.Logger(tmp_path, cfg, env, start=0)
     for step in range(1, 6):
         log.scalars(step, {"loss/g": float(step)})
     log.close()
-    log = train.Logger(tmp_path, cfg, env, start=3, elapsed=100.0)            # resumed from step 3's checkpoint
+    log = train_run.Logger(tmp_path, cfg, env, start=3, elapsed=100.0)            # resumed from step 3's checkpoint
     for step in range(4, 7):
         log.scalars(step, {"loss/g": 10.0 + step})
     log.close()
@@ -221,13 +226,13 @@ def test_damaged_checkpoints_and_stale_partial_files(images, bank32, tmp_path, c
         assert train.main(glean_args(images, bank32, run, "--iters", "6", "--ckpt-every", "2")) == 0
     finally:
         os.umask(old)
-    assert all(p.stat().st_mode & 0o777 == 0o644 for p in [*train.checkpoints(run), run / "glean.safetensors"])
-    ckpts = train.checkpoints(run)
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in [*train_run.checkpoints(run), run / "glean.safetensors"])
+    ckpts = train_run.checkpoints(run)
     ckpts[-1].write_bytes(b"")                                                   # zero bytes: a killed copy
     ckpts[-2].write_bytes(ckpts[-2].read_bytes()[: ckpts[-2].stat().st_size // 3])   # truncated
     partial = run / "checkpoints" / ".step_00000008.pt.x7f3k2.tmp"               # a write killed by SIGKILL
     partial.write_bytes(b"\0" * 1000)
-    state, path = train.latest_checkpoint(run)
+    state, path = train_run.latest_checkpoint(run)
     assert path.name == "step_00000002.pt" and state["step"] == 2
     err = capsys.readouterr().err
     assert "step_00000006.pt: empty file" in err and "step_00000004.pt: corrupt or truncated" in err
@@ -235,12 +240,13 @@ def test_damaged_checkpoints_and_stale_partial_files(images, bank32, tmp_path, c
     out, err = capsys.readouterr()
     assert "resuming from" in out and "step 2" in out and ".step_00000008.pt.x7f3k2.tmp" in err
     assert not partial.exists()
-    assert torch.load(train.checkpoints(run)[-1], weights_only=True)["step"] == 7
+    assert torch.load(train_run.checkpoints(run)[-1], weights_only=True)["step"] == 7
     text = tmp_path / "notes.pt"                                                 # a text file passed as a bank
     text.write_text("these are my notes, not a checkpoint\n" * 10)
     assert train.main(glean_args(images, text, tmp_path / "r2", "--iters", "1")) == 2
     err = capsys.readouterr().err
-    assert "notes.pt: corrupt or truncated checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert "notes.pt is not a weights file (it holds text ('these are my notes" in err
+    assert len(err.strip().splitlines()) == 1 and "pop from empty list" not in err
 
 
 def test_resume_takes_new_schedule_and_refuses_other_changes(images, bank32, tmp_path, capsys):
@@ -269,25 +275,34 @@ def test_resume_takes_new_schedule_and_refuses_other_changes(images, bank32, tmp
     assert lr[3] == pytest.approx(cfg.min_lr + (1e-4 - cfg.min_lr) * (1 + math.cos(math.pi * 3 / 10)) / 2)
 
 
-def test_nonfinite_loss_stops_with_debug_state(images, bank32, tmp_path, capsys):
+@pytest.mark.parametrize("ckpt_every,advice", [("1000", "no checkpoint was saved before it, so start again"),
+                                                 ("1", "resume from the last checkpoint (step_00000001.pt)")])
+def test_nonfinite_loss_stops_with_debug_state(images, bank32, tmp_path, capsys, ckpt_every, advice):
+    """The message says what can be done: resume from a checkpoint when there is one, start again when not."""
     run = tmp_path / "run"
-    assert train.main(glean_args(images, bank32, run, "--iters", "30", "--lr", "1e30", "--min-lr", "1e30")) == 1
+    assert train.main(glean_args(images, bank32, run, "--iters", "30", "--lr", "1e30", "--min-lr", "1e30",
+                                 "--ckpt-every", ckpt_every)) == 1
     stderr = capsys.readouterr().err                                            # progress lines, then one error
     err = [line for line in stderr.splitlines() if line.startswith("error")]
-    assert len(err) == 1 and err[0].startswith("error: non-finite loss at step") and "--resume --lr" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: non-finite loss at step 2") and advice in err[0], err
+    assert ("--resume --lr" in err[0]) == (ckpt_every == "1")
     assert "Traceback" not in stderr
     debug = list(run.glob("nonfinite_step_*.pt"))
     assert debug and {"lr", "hr", "model", "losses"} <= set(torch.load(debug[0], weights_only=True))
 
 
 def test_check_finite_copies_nothing_for_finite_losses(tmp_path):
-    env, calls = train.Env(0, 1, torch.device("cpu")), []
+    env, calls = train_run.Env(0, 1, torch.device("cpu")), []
     debug = lambda: calls.append(1) or {"x": torch.zeros(1)}                      # noqa: E731
-    train.check_finite({"loss/g": 0.5, "loss/d": 1.0}, env, tmp_path, 1, debug)
+    train_run.check_finite({"loss/g": 0.5, "loss/d": 1.0}, env, tmp_path, 1, debug)
     assert calls == [] and not list(tmp_path.iterdir())
-    with pytest.raises(train.NonFiniteLoss, match="--resume --lr"):
-        train.check_finite({"loss/g": float("nan")}, env, tmp_path, 2, debug)
+    with pytest.raises(train_run.NonFiniteLoss, match="no checkpoint was saved before it"):
+        train_run.check_finite({"loss/g": float("nan")}, env, tmp_path, 2, debug)
     assert calls == [1] and (tmp_path / "nonfinite_step_00000002_rank0.pt").exists()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_00000001.pt").write_bytes(b"x")
+    with pytest.raises(train_run.NonFiniteLoss, match=r"last checkpoint \(step_00000001.pt\).*--resume --lr"):
+        train_run.check_finite({"loss/g": float("inf")}, env, tmp_path, 3, debug)
 
 
 # The multi-process runs below all train the same model as this one: 1 process, global batch 4 in 2 micro-batches
@@ -335,7 +350,7 @@ def test_sigterm_under_torchrun_with_workers_then_resume_on_one_process(images, 
     out, err = proc.communicate(timeout=120)
     assert "stopped at step" in out and "weights identical on all 2 processes" in out, err[-3000:]
     assert err.count("received SIGTERM") == 2 and "killed by signal" not in err
-    k = torch.load(train.checkpoints(run)[-1], weights_only=True)["step"]
+    k = torch.load(train_run.checkpoints(run)[-1], weights_only=True)["step"]
     assert 2 <= k < 10, "interrupt came too late to compare with the reference"
     assert train.main(["--out", str(run), "--resume", "--iters", "10", "--accum", "2", "--workers", "0"]) == 0
     same_run(reference, run, 10)
@@ -361,36 +376,36 @@ def test_missing_bank_and_existing_run(images, bank32, tmp_path):
 
 
 def test_dataset_and_sampler_are_deterministic(images, tmp_path):
-    ds = train.SRDataset(images, 32, 8, seed=3)
+    ds = train_data.SRDataset(images, 32, 8, seed=3)
     a, b = ds[(4, 7)], ds[(4, 7)]
     assert torch.equal(a["lr"], b["lr"]) and a["hr"].shape == (3, 32, 32) and a["hr"].abs().max() <= 1
     lr = imresize((a["hr"] + 1) / 2, size=8)                              # LR = MATLAB bicubic of the HR ...
     expected = (lr.clamp(0, 1) * 255).round() / 255 * 2 - 1               # ... clipped, rounded to 8 bits
     torch.testing.assert_close(a["lr"], expected, atol=1e-6, rtol=0)
     assert not torch.allclose(lr * 2 - 1, expected, atol=1e-6)            # the rounding happened
-    floats = train.SRDataset(images, 32, 8, seed=3, lr_float=True)[(4, 7)]["lr"]   # --lr-float: the old path
+    floats = train_data.SRDataset(images, 32, 8, seed=3, lr_float=True)[(4, 7)]["lr"]   # --lr-float: the old path
     torch.testing.assert_close(floats, lr * 2 - 1, atol=1e-6, rtol=0)
-    whole = train.BatchStream(len(ds), 3, 0, 1, seed=1)
+    whole = train_data.BatchStream(len(ds), 3, 0, 1, seed=1)
     it = iter(whole)
     seq = [next(it) for _ in range(7)]
-    resumed = iter(train.BatchStream(len(ds), 3, 0, 1, seed=1, start_micro=4))
+    resumed = iter(train_data.BatchStream(len(ds), 3, 0, 1, seed=1, start_micro=4))
     assert [next(resumed) for _ in range(3)] == seq[4:]
-    ranks = [iter(train.BatchStream(len(ds), 3, r, 2, seed=1)) for r in range(2)]
+    ranks = [iter(train_data.BatchStream(len(ds), 3, r, 2, seed=1)) for r in range(2)]
     first = [next(r) for r in ranks]
     assert not set(first[0]) & set(first[1])                                    # ranks see different images
-    deg = train.SRDataset(images, 32, 8, degrade=True)[(0, 0)]["lr"]
+    deg = train_data.SRDataset(images, 32, 8, degrade=True)[(0, 0)]["lr"]
     assert deg.shape == (3, 8, 8) and not torch.equal(deg, ds[(0, 0)]["lr"])
     levels = (deg + 1) * 127.5                                                  # degraded LR is 8-bit too
     torch.testing.assert_close(levels, levels.round(), atol=1e-4, rtol=0)
-    mild = train.SRDataset(images, 32, 8, degrade="mild", flip=False)
-    clean = train.SRDataset(images, 32, 8, flip=False)
+    mild = train_data.SRDataset(images, 32, 8, degrade="mild", flip=False)
+    clean = train_data.SRDataset(images, 32, 8, flip=False)
     same = [torch.equal(mild[(i, e)]["lr"], clean[(i, e)]["lr"]) for i in range(len(ds)) for e in range(8)]
     assert 0 < sum(same) < len(same)          # "mild": some inputs untouched (p = 1/8 each), most degraded
     lr_dir = tmp_path / "lr"
     lr_dir.mkdir()
     for p in images.iterdir():
         Image.new("RGB", (8, 8), (10, 200, 30)).save(lr_dir / (p.stem + ".png"))
-    paired = train.SRDataset(images, 32, 8, lr_dir=str(lr_dir), flip=False)[(0, 0)]["lr"]
+    paired = train_data.SRDataset(images, 32, 8, lr_dir=str(lr_dir), flip=False)[(0, 0)]["lr"]
     torch.testing.assert_close(paired[:, 0, 0], torch.tensor([10, 200, 30]) / 127.5 - 1)
 
 
@@ -444,7 +459,7 @@ def test_rosinality_checkpoint(tmp_path):
     path = tmp_path / "550000.pt"  # like rosinality's: with an argparse Namespace that weights_only refuses
     torch.save({"g": rosinality_state(G), "g_ema": rosinality_state(G), "d": {}, "args": argparse.Namespace(size=32)},
                path)
-    same_images(stylegan2.load_generator(path), G)
+    same_images(weight_formats.load_generator(path), G)
     model = glean.GLEAN(glean.GLEANConfig(in_size=8, out_size=32, **TINY_GLEAN))
     model.load_bank(path)
     same_images(model.bank, G)
@@ -526,7 +541,7 @@ def test_stylegan2_ada_pickle_never_runs_its_code(tmp_path):
     G = tiny_generator(seed=3)
     path, marker = tmp_path / "network-snapshot.pkl", tmp_path / "pwned"
     ada_pickle(G, path, marker)
-    loaded = stylegan2.load_generator(path)
+    loaded = weight_formats.load_generator(path)
     assert not marker.exists(), "code embedded in the pickle was run"
     same_images(loaded, G)
     with fake_persistence():            # plain pickle with NVIDIA's code importable would run the payload
@@ -561,7 +576,7 @@ def test_resume_with_more_iters_stretches_the_cosine():
         opt.step(), sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(cfg.min_lr)
     cfg.iters = 40
-    train.follow_schedule(sched, opt, cfg)
+    train_run.follow_schedule(sched, opt, cfg)
     expected = [cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t / 40)) / 2 for t in range(10, 41)]
     got = [opt.param_groups[0]["lr"]]
     for _ in range(30):
@@ -572,20 +587,20 @@ def test_resume_with_more_iters_stretches_the_cosine():
 
 def test_crop_box_and_its_jitter(images):
     """--crop takes the given square of each image; --crop-jitter moves and scales it per (image, epoch), inside."""
-    hr = train.SRDataset(images, 32, flip=False, crop=(2, 3, 30))[(1, 0)]["hr"]
-    whole = train.read_rgb(sorted(images.iterdir())[1])
+    hr = train_data.SRDataset(images, 32, flip=False, crop=(2, 3, 30))[(1, 0)]["hr"]
+    whole = images_module.read_rgb(sorted(images.iterdir())[1])
     torch.testing.assert_close(hr, imresize(whole[:, 3:33, 2:32], size=32).clamp(0, 1) * 2 - 1)
-    assert not torch.allclose(hr, train.SRDataset(images, 32, flip=False)[(1, 0)]["hr"])   # not the centre square
+    assert not torch.allclose(hr, train_data.SRDataset(images, 32, flip=False)[(1, 0)]["hr"])   # not the centre square
     g = torch.Generator().manual_seed(0)
-    boxes = {train.jitter_box((2, 3, 30), 40, 36, 0.2, g) for _ in range(200)}
+    boxes = {train_data.jitter_box((2, 3, 30), 40, 36, 0.2, g) for _ in range(200)}
     assert len(boxes) > 50
     for left, top, s in boxes:
         assert 24 <= s <= 36 and left >= 0 and top >= 0 and left + s <= 36 and top + s <= 40
-    jit = train.SRDataset(images, 32, flip=False, crop=(2, 3, 30), crop_jitter=0.1)
+    jit = train_data.SRDataset(images, 32, flip=False, crop=(2, 3, 30), crop_jitter=0.1)
     assert torch.equal(jit[(1, 5)]["hr"], jit[(1, 5)]["hr"])                     # reproducible per (index, epoch)
     assert not torch.equal(jit[(1, 5)]["hr"], jit[(1, 6)]["hr"])
-    with pytest.raises(train.UserError, match="does not fit in im00"):    # at construction, not in a worker
-        train.SRDataset(images, 32, crop=(10, 0, 40))
+    with pytest.raises(train_run.UserError, match="does not fit in im00"):    # at construction, not in a worker
+        train_data.SRDataset(images, 32, crop=(10, 0, 40))
 
 
 def test_init_fine_tunes_from_a_trained_glean(images, bank32, tmp_path, capsys):
@@ -617,19 +632,29 @@ def test_init_fine_tunes_from_a_trained_glean(images, bank32, tmp_path, capsys):
 # The recipe (Appendix A and the official configs), and what the command line accepts
 
 
+def preset_config(argv):
+    """The config a command line gives after its preset is filled in (train.resolve_data)."""
+    given = train_cli.parse_flags(argv, train.TrainConfig())
+    cfg = train.config_from_flags(given)
+    train.resolve_data(cfg, given)
+    return cfg
+
+
 def test_presets_follow_appendix_a_and_the_official_configs(tmp_path):
-    for d in ("ffhq/images", "cat_train/GT"):
+    for d in ("ffhq/images", "cat_train/GT", "CelebA-HQ/GT"):
         (tmp_path / d).mkdir(parents=True)
     expect = {("ffhq", 16): (8, False), ("ffhq", 8): (8, True), ("cat", 8): (16, False), ("cat", 16): (16, False)}
     for (name, scale), (batch, norm_img) in expect.items():
-        cfg, given = train.parse_args(["--data", name, "--scale", str(scale), "--data-root", str(tmp_path)])
-        cfg = train.resolve(cfg, given)
+        cfg = preset_config(["--data", name, "--scale", str(scale), "--data-root", str(tmp_path)])
         assert (cfg.batch, cfg.percep_norm_img, cfg.lr_period, cfg.lr, cfg.min_lr, cfg.iters, cfg.betas) == \
             (batch, norm_img, 0, 1e-4, 1e-7, 300_000, (0.9, 0.99)), (name, scale)
-    cfg, given = train.parse_args(["--data", "ffhq", "--scale", "16", "--data-root", str(tmp_path), "--batch", "16",
-                                   "--lr-period", "600000", "--percep-norm-img"])
-    cfg = train.resolve(cfg, given)                                          # flags win over the preset
-    assert (cfg.batch, cfg.lr_period, cfg.percep_norm_img) == (16, 600_000, True)
+    in128 = preset_config(["--data", "ffhq", "--scale", "8", "--data-root", str(tmp_path)])
+    assert (in128.data, in128.more_data) == (str(tmp_path / "ffhq/images"), (str(tmp_path / "CelebA-HQ/GT"),))
+    assert in128.degrade == "strong" and in128.val_data == str(tmp_path / "CelebA-HQ/GT")
+    cfg = preset_config(["--data", "ffhq", "--scale", "16", "--data-root", str(tmp_path), "--batch", "16",
+                         "--lr-period", "600000", "--percep-norm-img"])
+    assert (cfg.batch, cfg.lr_period, cfg.percep_norm_img) == (16, 600_000, True)   # flags win over the preset
+    assert cfg.more_data == ()
     # the schedules (here 1000x shorter): the released models' configs anneal over the whole run down to 1e-7,
     # mmagic 1.x's base config (T_max 600k over 300k steps) ends half way down, at ~5e-5
     for period, end in ((0, 1e-7), (600, (1e-4 + 1e-7) / 2)):
@@ -675,12 +700,12 @@ def test_global_batch_is_the_same_images_for_any_split(images):
     """--batch B: each optimizer step sees the same B images however they are split over processes and --accum."""
     def step_images(world, accum, steps=5, B=4):
         b = B // (world * accum)
-        streams = [iter(train.BatchStream(7, b, r, world, seed=2, start_micro=0)) for r in range(world)]
+        streams = [iter(train_data.BatchStream(7, b, r, world, seed=2, start_micro=0)) for r in range(world)]
         return [sorted(i for _ in range(accum) for s in streams for i in next(s)) for _ in range(steps)]
     assert step_images(1, 1) == step_images(2, 1) == step_images(1, 2) == step_images(2, 2) == step_images(4, 1)
     cfg = train.TrainConfig(batch=8, accum=2)
-    assert train.micro_batch(cfg, train.Env(0, 2, torch.device("cpu"))) == 2
-    assert [train.mbstd_group(n) for n in (1, 2, 3, 4, 5, 6, 8, 12)] == [1, 2, 3, 4, 1, 3, 4, 4]
+    assert train_run.micro_batch(cfg, train_run.Env(0, 2, torch.device("cpu"))) == 2
+    assert [train_run.mbstd_group(n) for n in (1, 2, 3, 4, 5, 6, 8, 12)] == [1, 2, 3, 4, 1, 3, 4, 4]
 
 
 def test_odd_batch_trains_and_the_model_init_is_glean_py_s(images, bank32, tmp_path):
@@ -736,7 +761,7 @@ def test_bad_flag_types_are_one_line(images, tmp_path, capsys):
 
 
 def test_every_option_has_help_with_its_default():
-    for action in train.build_parser()._actions:
+    for action in train_cli.build_parser(train.TrainConfig())._actions:
         if action.dest != "help":
             assert action.help and "default" in action.help, action.option_strings
 
@@ -751,11 +776,11 @@ def test_discriminator_comes_from_the_bank_or_init_file(images, bank32, tmp_path
     run = tmp_path / "run"
     assert train.main(glean_args(images, bank32, run, "--iters", "1", "--lr", "0", "--min-lr", "0")) == 0
     assert f"discriminator: from {bank32}" in capsys.readouterr().out
-    d_run = torch.load(train.checkpoints(run)[-1], weights_only=True)["discriminator"]
+    d_run = torch.load(train_run.checkpoints(run)[-1], weights_only=True)["discriminator"]
     assert d_run.keys() == d_bank.keys() and all(torch.equal(d_run[k], d_bank[k]) for k in d_bank)
     base = ["--data", str(images), "--batch", "2", "--workers", "0", "--percep-weight", "0", "--iters", "1",
             "--no-tensorboard"]
-    ckpt = train.checkpoints(run)[-1]
+    ckpt = train_run.checkpoints(run)[-1]
     assert train.main([*base, "--init", str(ckpt), "--out", str(tmp_path / "a")]) == 0
     assert f"discriminator: from {ckpt}" in capsys.readouterr().out
     assert train.main([*base, "--init", str(run / "glean.safetensors"), "--out", str(tmp_path / "b")]) == 0
@@ -776,8 +801,8 @@ def test_fig7_ablation_has_no_decoder(images, bank32, tmp_path):
     assert train.main(glean_args(images, bank32, run, "--iters", "1", "--fig7", "0")) == 0
     model = glean.GLEAN.load(run / "glean.safetensors")
     assert model.cfg.use_decoder is False and model.cfg.fuse_encoder_up_to == 0 and not hasattr(model, "decoder")
-    with pytest.raises(train.UserError, match="--fig7 sets use_decoder"):
-        train.parse_args(["--data", "x", "--fig7", "4", "--model", '{"use_decoder": true}'])
+    with pytest.raises(train_run.UserError, match="--fig7 sets use_decoder"):
+        train_cli.parse_flags(["--data", "x", "--fig7", "4", "--model", '{"use_decoder": true}'], train.TrainConfig())
 
 
 def test_small_and_unreadable_images_are_reported_once(images, bank32, tmp_path, capfd):
@@ -792,7 +817,7 @@ def test_small_and_unreadable_images_are_reported_once(images, bank32, tmp_path,
     noise.save(data / "cut.jpg", quality=95)
     good = (data / "cut.jpg").read_bytes()
     (data / "cut.jpg").write_bytes(good[: len(good) * 2 // 3])                 # header fine, pixels cut short
-    assert train.image_size(data / "cut.jpg") is not None
+    assert images_module.image_size(data / "cut.jpg") is not None
     run = tmp_path / "run"
     assert train.main(glean_args(data, bank32, run, "--iters", "8", "--workers", "2")) == 0
     err = capfd.readouterr().err
@@ -866,8 +891,9 @@ def test_bank_stage_grows_from_a_smaller_bank(images, bank32, tmp_path, capsys):
                        "--iters", "1", "--batch", "4", "--lr", "0", "--workers", "0", "--out", str(run),
                        "--no-tensorboard"]) == 0
     assert "tensors from" in capsys.readouterr().out
-    small, grown = stylegan2.load_generator(bank32).state_dict(), stylegan2.load_generator(run / "bank.safetensors")
-    assert grown.cfg.out_size == 64 and grown.cfg.channel_base == stylegan2.load_generator(bank32).cfg.channel_base
+    small = weight_formats.load_generator(bank32).state_dict()
+    grown = weight_formats.load_generator(run / "bank.safetensors")
+    assert grown.cfg.out_size == 64 and grown.cfg.channel_base == weight_formats.load_generator(bank32).cfg.channel_base
     big = grown.state_dict()
     assert all(torch.equal(big[k], v) for k, v in small.items())              # lr 0: exactly the copied layers
     assert len(big) > len(small)
@@ -877,3 +903,152 @@ def test_bank_stage_grows_from_a_smaller_bank(images, bank32, tmp_path, capsys):
     p = run_cli(["--stage", "bank", "--data", str(images), "--out-size", "64", "--init", str(bank32), "--model",
                  '{"channel_base": 7}', "--iters", "1", "--out", str(tmp_path / "r4")])
     assert p.returncode == 2 and "channel_base" in p.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Faults a real run meets: each one line, nothing lost that was saved
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_out_that_cannot_hold_a_run_is_one_line_before_anything_else(images, tmp_path, kind, monkeypatch, capsys):
+    """--out a file, or on a read-only file system (/sys): refused before the data or any weights are read."""
+    out = tmp_path / "a_file" if kind == "file" else Path("/sys/glean_run")
+    if kind == "file":
+        out.write_text("not a folder")
+    touched = []
+    monkeypatch.setattr(train_data, "scan", lambda *a, **k: touched.append("data"))
+    monkeypatch.setattr(zoo, "weights_file", lambda *a, **k: touched.append("weights"))
+    assert train.main(glean_args(images, "stylegan2_ffhq_1024", out, "--iters", "1")) == 2
+    err = capsys.readouterr().err
+    assert ("is a file, not a folder" if kind == "file" else "cannot write in /sys") in err, err
+    assert len(err.strip().splitlines()) == 1 and touched == []
+
+
+def test_data_is_checked_before_any_weights_are_read(tmp_path, monkeypatch, capsys):
+    """A folder without images fails before the bank (here a registered one, a 1 GB download) is fetched or read."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    touched = []
+    monkeypatch.setattr(zoo, "weights_file", lambda *a, **k: touched.append(a) or tmp_path / "x")
+    monkeypatch.setattr(zoo, "load_pretrained", lambda *a, **k: touched.append(a))
+    for extra in (["--bank", "stylegan2_ffhq_1024", "--scale", "16"], ["--init", "glean_face_16x"]):
+        assert train.main(["--data", str(empty), *extra, "--out", str(tmp_path / "run"), "--no-tensorboard"]) == 2
+        err = capsys.readouterr().err
+        assert "no images" in err and str(empty) in err and len(err.strip().splitlines()) == 1, err
+    assert touched == []
+
+
+def test_validation_images_are_held_out_of_training(images, tmp_path):
+    """--val-data pointing into the training data: the images validated on are never trained on."""
+    scanned = train.scan_data(train.TrainConfig(data=str(images), val_data=str(images), val_count=3), report=False)
+    val = train_data.list_images(images)[:3]
+    assert len(scanned.files) == len(train_data.list_images(images)) - 3 and not set(val) & set(scanned.files)
+    both = train_data.scan([images, images / "missing"] if False else [images], report=False)
+    assert both.fingerprint == train_data.fingerprint(images, train_data.list_images(images))
+
+
+def test_several_data_folders_train_together(images, tmp_path):
+    """--data A B (the in128 preset's FFHQ + CelebA-HQ): one dataset over both folders, same names allowed."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for p in sorted(images.iterdir())[:3]:
+        (a / p.name).write_bytes(p.read_bytes())
+        (b / p.name).write_bytes(p.read_bytes())                                 # the same names in both
+    ds = train_data.SRDataset([a, b], 32, 8)
+    assert len(ds) == 6 and {p.parent for p in ds.files} == {a, b}
+    assert ds.fingerprint != train_data.SRDataset(a, 32, 8).fingerprint
+    with pytest.raises(train_run.UserError, match="--lr-dir pairs LR images with one folder"):
+        train_data.SRDataset([a, b], 32, 8, lr_dir=str(a))
+
+
+def test_a_checkpoint_altered_after_writing_is_refused_and_the_previous_one_used(images, bank32, tmp_path, capsys):
+    """Bytes overwritten inside a tensor of a checkpoint that still loads (here an Adam moment set to 3.4e38): its
+    checksum no longer matches, so it is named and the run resumes from the checkpoint before it."""
+    import zipfile
+    run = tmp_path / "run"
+    assert train.main(glean_args(images, bank32, run, "--iters", "4", "--ckpt-every", "2")) == 0
+    newest = train_run.checkpoints(run)[-1]
+    state = torch.load(newest, weights_only=True)
+    k = next(k for k, v in state["opt_g"]["state"].items() if v["exp_avg"].ndim == 1)    # a bias's moment
+    moment = state["opt_g"]["state"][k]["exp_avg"]
+    with zipfile.ZipFile(newest) as z:                       # where that tensor's bytes are in the file
+        entry = next(i for i in z.infolist() if i.filename.split("/")[-2] == "data" and
+                     z.read(i) == moment.numpy().tobytes())
+    with open(newest, "r+b") as f:
+        f.seek(entry.header_offset + 26)                     # the local header: name and extra field lengths
+        n, extra = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        f.seek(entry.header_offset + 30 + n + extra)
+        f.write(b"\x7f\x7f\x7f\x7f")                        # 3.4e38
+    damaged = torch.load(newest, weights_only=True)["opt_g"]["state"][k]["exp_avg"]
+    assert damaged.max() > 3e38                              # torch itself loads it without a word
+    capsys.readouterr()
+    state, path = train_run.latest_checkpoint(run)
+    err = capsys.readouterr().err
+    assert path.name == "step_00000002.pt" and state["step"] == 2
+    assert f"{newest}: its content does not match its checksum" in err and "using step_00000002.pt" in err
+    assert train.main(["--out", str(run), "--resume", "--workers", "0", "--iters", "5"]) == 0
+    assert "resuming from" in capsys.readouterr().out and all(math.isfinite(r["loss/g"]) for r in rows(run))
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_earlier_checkpoint(images, bank32, tmp_path):
+    """A write that fails half way (here: the file-size limit, as a full disk would) ends the run in one line,
+    leaves no partial file, and the earlier checkpoint loads."""
+    import resource
+    run = tmp_path / "run"
+    assert train.main(glean_args(images, bank32, run, "--iters", "2", "--ckpt-every", "2")) == 0
+    size = train_run.checkpoints(run)[-1].stat().st_size
+
+    def limit():                                             # larger than the logs, smaller than a checkpoint
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out", str(run), "--resume", "--iters", "4",
+                        "--workers", "0"], capture_output=True, text=True, cwd=ROOT, preexec_fn=limit)
+    errors = [line for line in p.stderr.splitlines() if not line.startswith("step ")]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr
+    assert "could not write the checkpoint of step 4" in errors[0] and "step_00000002.pt, is kept" in errors[0]
+    assert "Traceback" not in p.stderr and [c.name for c in train_run.checkpoints(run)] == ["step_00000002.pt"]
+    assert not [f for f in (run / "checkpoints").iterdir() if f.name.startswith(".")]      # no partial file
+    assert train_run.latest_checkpoint(run)[0]["step"] == 2
+
+
+def test_a_process_whose_partner_died_saves_its_replica_or_says_why_not(images, bank32, tmp_path):
+    """Two processes (gloo); one is killed (SIGKILL) mid-run. The other says so in one line and exits 1: if it was
+    between steps, or inside one before any update, it saves the step it had finished as a checkpoint (no
+    collective needed) and the run resumes from it on one process; between the G and the D update of a step, its
+    networks belong to two steps, and it says that it saves nothing."""
+    run = tmp_path / "run"
+    args = glean_args(images, bank32, run, "--iters", "1000", "--ckpt-every", "1000", "--workers", "0")
+    env = {**TORCHRUN_ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29541"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for r in range(2)]
+    wait_for_rows(run, 3, procs[0])
+    procs[1].kill()
+    out, err = procs[0].communicate(timeout=120)
+    procs[1].communicate()
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert procs[0].returncode == 1 and len(errors) == 1, err[-3000:]
+    assert "process 0 lost its partner(s) (" in errors[0] and "Traceback" not in err
+    saved = train_run.checkpoints(run)
+    if not saved:                                            # killed between the G and the D update
+        assert "so its replica is not one step's state and is not saved; the last checkpoint is none" in errors[0]
+        return
+    assert f"saved its replica of step {int(saved[-1].stem[5:])} as {saved[-1]}" in errors[0]
+    state, _ = train_run.latest_checkpoint(run)
+    assert state["step"] >= 3 and state["world"] == 2 and state["rng"][1] is None
+    assert train.main(["--out", str(run), "--resume", "--iters", str(state["step"] + 1), "--workers", "0"]) == 0
+
+
+def test_checkpoints_of_older_runs_resume(images, bank32, tmp_path, capsys):
+    """A checkpoint as the code before checksums and --data folders wrote it (no 'checksum', no 'more_data' in its
+    config) is taken as it loads, and the run continues."""
+    run = tmp_path / "run"
+    assert train.main(glean_args(images, bank32, run, "--iters", "2", "--ckpt-every", "2")) == 0
+    path = train_run.checkpoints(run)[-1]
+    state = torch.load(path, weights_only=True)
+    del state["checksum"], state["config"]["more_data"]
+    torch.save(state, path)
+    assert train.main(["--out", str(run), "--resume", "--iters", "3", "--workers", "0"]) == 0
+    assert "resuming from" in capsys.readouterr().out and "checksum" in torch.load(
+        train_run.checkpoints(run)[-1], weights_only=True)
