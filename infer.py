@@ -520,7 +520,7 @@ def main(argv=None) -> int:
         return run_cli(argv)
 
 
-def run_cli(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-i", "--input", nargs="+", required=True,
                     help="image files and/or folders (searched recursively), or example:astronaut / example:cat")
@@ -544,8 +544,8 @@ def run_cli(argv=None) -> int:
                            "largest face is aligned to the model's framing, shrunk to the model's input with MATLAB "
                            "bicubic and upscaled; writes <stem>_lr, _bicubic, _glean, _reference, _compare .png")
     mode.add_argument("--faces", action="store_true",
-                      help="faces in the wild: the whole photo upscaled (bicubic) with every face restored by GLEAN "
-                           "and blended back")
+                      help="faces in the wild: the whole photo upscaled (bicubic), each face that a face model's "
+                           "input fits restored by that model and blended back (photos.py); other faces are left")
     mode.add_argument("--retouch", action="store_true", help="Sec. 6: downsample edited HR images, super-resolve back")
     ap.add_argument("--outscale", type=float, default=0,
                     help="with --faces: scale of the whole photo (default: -m's scale, else 4); faces are restored at "
@@ -560,34 +560,150 @@ def run_cli(argv=None) -> int:
     ap.add_argument("--aligned", action="store_true",
                     help="with --faces: the inputs are already aligned face crops (no detection)")
     ap.add_argument("--mask", help="with --retouch: only the white region of this mask is replaced")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def check_args(args) -> str:
+    """What is wrong with the flags' values, in one sentence; '' if nothing."""
+    name = args.model or zoo.DEFAULT_MODEL
+    faces_flags = (args.outscale or args.only_center_face or args.aligned or args.max_shrink != photos.MAX_SHRINK or
+                   args.max_output_megapixels != photos.MAX_OUTPUT_PIXELS / 1e6)
+    return (f"unknown model '{name}': choose one of {', '.join(zoo.WEIGHTS)}, or give a checkpoint file"
+            if name not in zoo.WEIGHTS and not Path(name).is_file() else
+            "--mask goes with --retouch" if args.mask and not args.retouch else
+            "--outscale, --only-center-face, --aligned, --max-shrink and --max-output-megapixels go with --faces"
+            if faces_flags and not args.faces else
+            f"--max-shrink must be >= 1 (got {args.max_shrink:g}) and --max-output-megapixels >= 0 (got "
+            f"{args.max_output_megapixels:g})" if args.max_shrink < 1 or args.max_output_megapixels < 0 else
+            f"--outscale must be positive, got {args.outscale:g}" if args.outscale < 0 else
+            f"--batch must be at least 1, got {args.batch}" if args.batch < 1 else
+            f"--max-megapixels must be >= 0 (0: no limit), got {args.max_megapixels:g}" if args.max_megapixels < 0
+            else f"--ext {args.ext}: not a format that can be written; use png, jpg, webp, tif or bmp"
+            if args.ext != "auto" and write_format("." + args.ext.lstrip(".")) is None else "")
+
+
+def say(kind: str, message: str) -> None:
+    """One line on stderr ("error: ...", "note: ..."), above the progress bar."""
+    from tqdm import tqdm
+    tqdm.write(f"{kind}: {one_line(message)}", file=sys.stderr)
+
+
+class Run:
+    """One command-line run over the collected files: read each, process them in batches (the mode's function),
+    write each result atomically; counts what was written and what failed."""
+
+    def __init__(self, args, model, mask, outputs: "Outputs", max_pixels: int, total: int):
+        from tqdm import tqdm
+        self.args, self.model, self.mask, self.outputs, self.max_pixels = args, model, mask, outputs, max_pixels
+        self.failed = self.written = 0
+        self.queue = []
+        self.bar = tqdm(total=total, unit="img", disable=total < 2 or None)
+
+    def read(self, src: Path, root) -> None:
+        """Read one input (an error is one line and the run goes on) and queue it; a full batch is processed."""
+        args, notes = self.args, []
+        try:
+            if str(src).startswith("example:"):
+                a, bits = from_pil(example_image(str(src).split(":", 1)[1]))
+                src = Path(str(src).split(":", 1)[1] + ".png")
+            else:
+                a, bits = read_image(src, max_pixels=self.max_pixels, notes=notes)
+            size = self.model.cfg.in_size if self.model is not None else 0
+            if args.strict_size and not args.retouch and a.shape[:2] != (size, size):
+                raise InputError(f"{src} is {a.shape[1]}x{a.shape[0]}, the model takes {size}x{size} (drop "
+                                 f"--strict-size to crop and resize)")
+        except InputError as e:
+            self.failed += 1
+            say("error", str(e))
+            self.bar.update(1)
+            return
+        for note in notes:
+            say("note", note)
+        self.queue.append((src, root, a, bits))
+        if len(self.queue) >= args.batch:
+            self.flush()
+
+    def one(self, src: Path, a: np.ndarray, bits: int, notes: list) -> tuple:
+        """The outputs of one image in a mode that takes images one at a time: ({suffix: array}, bits)."""
+        args, model = self.args, self.model
+        if args.retouch:
+            return {args.suffix: retouch_arrays(model, a, self.mask, notes=notes)}, bits
+        if args.faces and args.aligned:
+            return {args.suffix: upscale_arrays(model, [a], names=[str(src)], align_faces=False)[0][0]}, bits
+        if args.faces:
+            return {args.suffix: restore_faces(model, a, outscale=args.outscale, name=str(src), notes=notes,
+                                               max_shrink=args.max_shrink, only_center=args.only_center_face,
+                                               max_output_pixels=args.max_output_megapixels * 1e6,
+                                               dtype=np.uint16 if bits == 16 else np.uint8)}, bits
+        r = simulate(model, a, name=str(src), notes=notes)
+        return {f"_{k}": r[k] for k in ("lr", "bicubic", "glean", "reference", "compare")}, 8
+
+    def results(self, notes: list) -> list:
+        """(src, root, bits, {output suffix: array}) for each queued image that could be processed."""
+        args, queue = self.args, self.queue
+        if not (args.simulate or args.faces or args.retouch):                      # one forward for the batch
+            outs, found = upscale_arrays(self.model, [a for _, _, a, _ in queue], strict_size=args.strict_size,
+                                         pad=args.pad, names=[str(s) for s, _, _, _ in queue])
+            notes += found
+            return [(src, root, bits, {args.suffix: out}) for (src, root, _, bits), out in zip(queue, outs)]
+        done = []
+        for src, root, a, bits in queue:                  # one image at a time: each can fail on its own
+            try:
+                outs, out_bits = self.one(src, a, bits, notes)
+            except InputError as e:
+                self.failed += 1
+                say("error", str(e))
+                continue
+            done.append((src, root, out_bits, outs))
+        return done
+
+    def write(self, src: Path, root, bits: int, outs: dict, notes: list) -> None:
+        """Write one image's outputs atomically; a failure is one line (and the image's other outputs skipped)."""
+        for suffix, out in outs.items():
+            ext = ".png" if self.args.simulate else output_ext(src, self.args.ext, bits, out.shape[2], notes)
+            dst = self.outputs.path(src, root, ext, notes, suffix)
+            try:
+                self.outputs.refuse_input(dst)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                write_image(out, dst, bits)
+                self.written += 1
+            except (InputError, OSError) as e:
+                self.failed += 1
+                say("error", str(e) if isinstance(e, InputError) else
+                    f"{dst}: cannot write ({e.strerror or e}); {src} was not saved")
+                return
+
+    def flush(self) -> None:
+        """Process the queued images and write their results."""
+        if not self.queue:
+            return
+        notes, done = [], []
+        try:
+            done = self.results(notes)
+        except torch.cuda.OutOfMemoryError:
+            self.failed += len(self.queue)
+            say("error", f"out of GPU memory for {', '.join(str(s) for s, _, _, _ in self.queue)}: use --batch 1, "
+                         f"or --device cpu")
+        for src, root, bits, outs in done:
+            self.write(src, root, bits, outs, notes)
+        for note in notes:
+            say("note", note)
+        self.bar.update(len(self.queue))
+        self.queue.clear()
+
+
+def run_cli(argv=None) -> int:
+    """The command line: check the flags, prepare the output folder, collect the inputs, load the model (none for
+    --faces without -m: photos.py picks one per face), then read, process and write every input."""
+    args = build_parser().parse_args(argv)
     started = time.time()
 
     def error(message: str) -> int:
         print(f"error: {one_line(message)}", file=sys.stderr)
         return 2
 
-    name = args.model or zoo.DEFAULT_MODEL
-    if name not in zoo.WEIGHTS and not Path(name).is_file():
-        return error(f"unknown model '{name}': choose one of {', '.join(zoo.WEIGHTS)}, or give a checkpoint file")
-    if args.mask and not args.retouch:
-        return error("--mask goes with --retouch")
-    faces_flags = (args.outscale or args.only_center_face or args.aligned or args.max_shrink != photos.MAX_SHRINK or
-                   args.max_output_megapixels != photos.MAX_OUTPUT_PIXELS / 1e6)
-    if faces_flags and not args.faces:
-        return error("--outscale, --only-center-face, --aligned, --max-shrink and --max-output-megapixels go with "
-                     "--faces")
-    if args.max_shrink < 1 or args.max_output_megapixels < 0:
-        return error(f"--max-shrink must be >= 1 (got {args.max_shrink:g}) and --max-output-megapixels >= 0 "
-                     f"(got {args.max_output_megapixels:g})")
-    if args.outscale < 0:
-        return error(f"--outscale must be positive, got {args.outscale:g}")
-    if args.batch < 1:
-        return error(f"--batch must be at least 1, got {args.batch}")
-    if args.max_megapixels < 0:
-        return error(f"--max-megapixels must be >= 0 (0: no limit), got {args.max_megapixels:g}")
-    if args.ext != "auto" and write_format("." + args.ext.lstrip(".")) is None:
-        return error(f"--ext {args.ext}: not a format that can be written; use png, jpg, webp, tif or bmp")
+    if check_args(args):
+        return error(check_args(args))
     max_pixels = round(args.max_megapixels * 1e6)
     if args.suffix is None:
         args.suffix = "_faces" if args.faces and not args.aligned else "_glean"
@@ -597,117 +713,29 @@ def run_cli(argv=None) -> int:
     except OSError as e:
         return error(f"cannot write to output folder {outdir} ({e.strerror or e}); choose another with -o")
     files, problems, notes = collect(args.input, outdir)
-    notes = cleaned + notes
     for p in problems:
         print(f"error: {one_line(p)}", file=sys.stderr)
     try:
         dev = pick_device(args.device)
         auto = args.faces and not args.aligned and not args.model        # --faces: a model per face (photos.py)
-        model = None if auto else load_model(name, str(dev), half=dev.type == "cuda" and not args.fp32)
+        model = None if auto else load_model(args.model or zoo.DEFAULT_MODEL, str(dev),
+                                             half=dev.type == "cuda" and not args.fp32)
         mask = read_image(args.mask, max_pixels=max_pixels)[0] if args.mask else None
         if args.faces and not args.aligned and model is not None:
             needs_template(model, "--faces")
     except (CheckpointError, InputError, ValueError) as e:
         return error(str(e))
-    from tqdm import tqdm
-
-    def say(kind: str, message: str) -> None:
-        tqdm.write(f"{kind}: {one_line(message)}", file=sys.stderr)
-
-    for note in notes:
+    for note in cleaned + notes:
         say("note", note)
     inputs = [src for src, _ in files if not str(src).startswith("example:")] + ([Path(args.mask)] if args.mask
                                                                                   else [])
-    outputs, failed, written = Outputs(outdir, args.suffix, inputs), 0, 0
-    bar = tqdm(total=len(files), unit="img", disable=len(files) < 2 or None)
-    queue = []
-
-    def results(queue: list, notes: list) -> list:
-        """(src, root, bits, {output suffix: array}) for each image of the queue that could be processed."""
-        nonlocal failed
-        if not (args.simulate or args.faces or args.retouch):
-            outs, found = upscale_arrays(model, [a for _, _, a, _ in queue], strict_size=args.strict_size,
-                                         pad=args.pad, names=[str(s) for s, _, _, _ in queue])
-            notes += found
-            return [(src, root, bits, {args.suffix: out}) for (src, root, _, bits), out in zip(queue, outs)]
-        done = []
-        for src, root, a, bits in queue:                  # one image at a time: each can fail on its own
-            try:
-                if args.retouch:
-                    outs = {args.suffix: retouch_arrays(model, a, mask, notes=notes)}
-                elif args.faces and args.aligned:
-                    outs = {args.suffix: upscale_arrays(model, [a], names=[str(src)], align_faces=False)[0][0]}
-                elif args.faces:
-                    outs = {args.suffix: restore_faces(model, a, outscale=args.outscale, name=str(src), notes=notes,
-                                                       max_shrink=args.max_shrink,
-                                                       max_output_pixels=args.max_output_megapixels * 1e6,
-                                                       dtype=np.uint16 if bits == 16 else np.uint8,
-                                                       only_center=args.only_center_face)}
-                else:
-                    r = simulate(model, a, name=str(src), notes=notes)
-                    outs, bits = {f"_{k}": r[k] for k in ("lr", "bicubic", "glean", "reference", "compare")}, 8
-            except InputError as e:
-                failed += 1
-                say("error", str(e))
-                continue
-            done.append((src, root, bits, outs))
-        return done
-
-    def flush():
-        nonlocal failed, written
-        if not queue:
-            return
-        notes, done = [], []
-        try:
-            done = results(queue, notes)
-        except torch.cuda.OutOfMemoryError:
-            failed += len(queue)
-            say("error", f"out of GPU memory for {', '.join(str(s) for s, _, _, _ in queue)}: use --batch 1, "
-                         f"or --device cpu")
-        for src, root, bits, outs in done:
-            for suffix, out in outs.items():
-                ext = ".png" if args.simulate else output_ext(src, args.ext, bits, out.shape[2], notes)
-                dst = outputs.path(src, root, ext, notes, suffix)
-                try:
-                    outputs.refuse_input(dst)
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    write_image(out, dst, bits)
-                    written += 1
-                except (InputError, OSError) as e:
-                    failed += 1
-                    say("error", str(e) if isinstance(e, InputError) else
-                        f"{dst}: cannot write ({e.strerror or e}); {src} was not saved")
-                    break
-        for note in notes:
-            say("note", note)
-        bar.update(len(queue))
-        queue.clear()
-
+    run = Run(args, model, mask, Outputs(outdir, args.suffix, inputs), max_pixels, len(files))
     for src, root in files:
-        try:
-            read_notes = []
-            if str(src).startswith("example:"):
-                a, bits = from_pil(example_image(str(src).split(":", 1)[1]))
-                src = Path(str(src).split(":", 1)[1] + ".png")
-            else:
-                a, bits = read_image(src, max_pixels=max_pixels, notes=read_notes)
-            if args.strict_size and not args.retouch and a.shape[:2] != (model.cfg.in_size,) * 2:
-                raise InputError(f"{src} is {a.shape[1]}x{a.shape[0]}, the model takes {model.cfg.in_size}x"
-                                 f"{model.cfg.in_size} (drop --strict-size to crop and resize)")
-        except InputError as e:
-            failed += 1
-            say("error", str(e))
-            bar.update(1)
-            continue
-        for note in read_notes:
-            say("note", note)
-        queue.append((src, root, a, bits))
-        if len(queue) >= args.batch:
-            flush()
-    flush()
-    bar.close()
-    bad = failed + len(problems)
-    print(one_line(f"{written} image(s) written to {outdir}" + (f"; {bad} problem(s), see above" if bad else "")))
+        run.read(src, root)
+    run.flush()
+    run.bar.close()
+    bad = run.failed + len(problems)
+    print(one_line(f"{run.written} image(s) written to {outdir}" + (f"; {bad} problem(s), see above" if bad else "")))
     return 1 if bad else 0
 
 
