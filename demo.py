@@ -331,7 +331,7 @@ def build(models: list) -> gr.Blocks:
         gr.Markdown("# GLEAN: large-factor super-resolution with a generative latent bank\n"
                     "Upload a face photo: it is shrunk to the model's tiny input (8x8 pixels for the default model) "
                     "and GLEAN redraws it at 8x, next to bicubic from the same input and your original. The Photo "
-                    "tab restores every face of a photo.")
+                    "tab upscales a whole photo and restores each face a model fits.")
         with gr.Tab("Upscale"):
             with gr.Row():
                 with gr.Column():

@@ -434,6 +434,26 @@ def align(image, landmarks, template, size: int, *, antialias: bool = True):
     return out.clamp(0, 1).permute(1, 2, 0).numpy(), M
 
 
+def window(image, landmarks, template, size: int):
+    """Cut out a face near a model's framing without resampling it: the size x size window of `image`'s own pixels
+    whose centre is nearest the centre of the frame `align` would give (same scale, no rotation). Returns (window
+    [size, size, C] float32, M: image -> window coordinates, a whole-pixel translation). Beyond the image border
+    the window is mirrored, as in `align`."""
+    a = as_float_image(image)
+    H, W = a.shape[:2]
+    M = similarity_transform(landmarks, np.asarray(template, np.float64) * size)
+    cx, cy = invert(M) @ np.array([size / 2, size / 2, 1.0])           # the frame's centre in the image
+    x0, y0 = round(cx - size / 2), round(cy - size / 2)
+    rows, cols = _mirror(np.arange(y0, y0 + size), H), _mirror(np.arange(x0, x0 + size), W)
+    return np.ascontiguousarray(a[rows][:, cols], np.float32), np.array([[1.0, 0, -x0], [0, 1.0, -y0]])
+
+
+def _mirror(i: np.ndarray, n: int) -> np.ndarray:
+    """Indices reflected about the borders of 0..n-1 (MATLAB's 'symmetric': -1 -> 0, n -> n - 1), any distance."""
+    i = np.mod(i, 2 * n)
+    return np.where(i < n, i, 2 * n - 1 - i)
+
+
 def coverage(image_shape, M, size: int) -> float:
     """Fraction of an aligned size x size crop (M: image -> crop) that comes from inside the image (1: the face is
     clear of the borders; less: the rest of the crop is mirrored)."""

@@ -41,6 +41,16 @@ def glean_face_small_8x(*, pretrained: bool = True, progress: bool = True) -> gl
 
 
 @_describe
+def glean_face_in16_8x(*, pretrained: bool = True, progress: bool = True) -> glean.GLEAN:
+    return _entry("glean_face_in16_8x", pretrained, progress)
+
+
+@_describe
+def glean_face_in32_4x(*, pretrained: bool = True, progress: bool = True) -> glean.GLEAN:
+    return _entry("glean_face_in32_4x", pretrained, progress)
+
+
+@_describe
 def glean_face_16x(*, pretrained: bool = True, progress: bool = True) -> glean.GLEAN:
     return _entry("glean_face_16x", pretrained, progress)
 
@@ -73,3 +83,8 @@ def stylegan2_cat_256(*, pretrained: bool = True, progress: bool = True) -> styl
 @_describe
 def stylegan2_celeba_64(*, pretrained: bool = True, progress: bool = True) -> stylegan2.Generator:
     return _entry("stylegan2_celeba_64", pretrained, progress)
+
+
+@_describe
+def stylegan2_lfw_128(*, pretrained: bool = True, progress: bool = True) -> stylegan2.Generator:
+    return _entry("stylegan2_lfw_128", pretrained, progress)

@@ -4,7 +4,7 @@
     python infer.py -i example:astronaut -o out/         # a face crop from scikit-image's astronaut
     python infer.py -i folder/ more.jpg -o out/ -m glean_face_16x --batch 4
     python infer.py -i portrait.jpg -o out/ --simulate   # degrade and restore: LR, bicubic, GLEAN, original
-    python infer.py -i group.jpg -o out/ --faces         # the whole photo upscaled, its faces restored by GLEAN
+    python infer.py -i group.jpg -o out/ --faces         # the whole photo upscaled, faces GLEAN fits restored
     python infer.py -i edited.png --retouch --mask mask.png -o out/   # Sec. 6: remove retouching artefacts
 
 GLEAN has a fixed input size (in_size). For a face model, an image of another size has its largest face aligned to

@@ -14,6 +14,10 @@ The candidates are the registered face models whose weights are on this machine 
 ones downloaded before); `-m` forces one. Detections are filtered first (`plausible`): a weak score or a landmark
 layout no face has (mouth above the eyes, eyes too close for the box, a profile) is never given a face.
 
+A model trained with framing jitter (a "window" model: the 128 px ones) takes an upright face near its scale as the
+window of the photo's own pixels nearest its template's frame, not resampled (model_input); others get the face
+warped onto their template.
+
 Each face is restored at its model's own scale and warped into the output at the user's scale (antialiased when
 that shrinks it). It is blended under a feathered mask of the face region, brows to chin and cheek to cheek, built
 from the landmarks (not the aligned square), so hair, text and neighbours stay as the background; overlapping
@@ -42,6 +46,8 @@ MAX_SHRINK = 1.25            # default: a face may be shrunk at most this much t
 MIN_SCORE = 0.985            # O-Net probability a detection needs (tuned: evaluate.py --detections, README) ...
 MIN_SCORE_TINY = 0.92        # ... or, for a face box under 12 px wide (tiny faces score lower), this
 MIN_FACE = 12                # smallest face box searched for (px): MTCNN's 12 px window, the faces our models take
+WINDOW_SHRINK = (0.8, 1.25)  # a face this near its model's scale (shrink) ...
+WINDOW_ROLL = 10.0           # ... and this near upright (degrees) goes to a window model as a window (model_input)
 MAX_OUTPUT_PIXELS = 400e6    # default --max-output-megapixels: refused before any work
 BAND_VALUES = 1 << 23        # float32 values per band of output rows (32 MiB): bounds the working memory
 
@@ -59,6 +65,7 @@ class FaceModel:
     out_size: int
     template: tuple
     offline: bool = True
+    window: bool = False        # takes a window of the photo's own pixels near its framing (model_input)
 
 
 @dataclass
@@ -92,7 +99,7 @@ def registered_face_models(offline_only: bool = True) -> list:
         if w.kind.startswith("glean") and w.template:
             offline = zoo.local_file(name) is not None
             if offline or not offline_only:
-                out.append(FaceModel(name, w.config["in_size"], w.config["out_size"], w.template, offline))
+                out.append(FaceModel(name, w.config["in_size"], w.config["out_size"], w.template, offline, w.window))
     return out
 
 
@@ -102,7 +109,8 @@ def describe_model(model) -> FaceModel:
     if not template:
         raise InputError(f"--faces needs a face model (one whose face template is in the weights table: "
                          f"{', '.join(m.name for m in registered_face_models(False))})")
-    return FaceModel(getattr(model, "name", "") or "the given model", model.cfg.in_size, model.cfg.out_size, template)
+    return FaceModel(getattr(model, "name", "") or "the given model", model.cfg.in_size, model.cfg.out_size, template,
+                     window=bool(getattr(model, "face_window", False)))
 
 
 def shrink_for(landmarks, m: FaceModel) -> float:
@@ -118,6 +126,24 @@ def choose(landmarks, candidates: list, max_shrink: float = MAX_SHRINK) -> tuple
         s, m = max(fitting, key=lambda t: t[0])
         return m, s
     return None, min((s for s, _ in scored), default=math.inf)
+
+
+def model_input(a: np.ndarray, landmarks, m: FaceModel) -> tuple:
+    """The model's input for a face: (crop [in, in, 3] in [0, 1], M: photo -> crop coordinates).
+
+    Warping a face onto the template resamples the photo, and at 16 px that blurs away much of what the model has
+    to go on (bicubic from such a crop: 1.4 dB below plain bicubic in the face region, README). So a face near the
+    model's scale and upright goes to a window model (trained with framing jitter) as the window of the photo's own
+    pixels nearest the template's frame (faces.window: a whole-pixel shift, no resampling); others are warped onto
+    the template (faces.align)."""
+    rgb = a[..., :3] if a.shape[2] >= 3 else np.repeat(a[..., :1], 3, 2)
+    template = np.asarray(m.template)
+    M = faces.similarity_transform(landmarks, template * m.in_size)
+    roll = abs(math.degrees(math.atan2(M[1, 0], M[0, 0])))
+    shrink = 1 / faces.scale_of(M)
+    if m.window and roll <= WINDOW_ROLL and WINDOW_SHRINK[0] <= shrink <= WINDOW_SHRINK[1]:
+        return faces.window(rgb, landmarks, template, m.in_size)
+    return faces.align(rgb, landmarks, template, m.in_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -374,7 +400,7 @@ def restore_photo(a: np.ndarray, *, model=None, candidates: list | None = None, 
         now = time.perf_counter()
         times[stage], clock[0] = times.get(stage, 0.0) + now - clock[0], now
 
-    H, W, C = a.shape
+    H, W = a.shape[:2]
     forced = describe_model(model) if model is not None else None
     s = float(outscale or (forced.out_size / forced.in_size if forced else 4))
     out_h, out_w = math.ceil(H * s), math.ceil(W * s)
@@ -390,8 +416,7 @@ def restore_photo(a: np.ndarray, *, model=None, candidates: list | None = None, 
     for m in {m for _, _, m in plan if m is not None}:
         group = [(f, r) for f, r, mm in plan if mm == m]
         net = model if forced else load_face_model(m.name, str(next(model.parameters()).device) if model else "cpu")
-        aligned = [faces.align(a[..., :3] if C >= 3 else np.repeat(a[..., :1], 3, 2), f.landmarks,
-                               np.asarray(m.template), m.in_size) for f, _ in group]
+        aligned = [model_input(a, f.landmarks, m) for f, _ in group]
         lap("align")
         ys = run_faces(net, [c for c, _ in aligned], grey)
         lap("glean")

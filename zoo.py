@@ -49,11 +49,16 @@ class Weights:
     pixel_range: str = "RGB in [-1, 1] (x / 127.5 - 1)"
     note: str = ""
     template: tuple = ()  # face models: their face template (see FFHQ above); () for other categories
+    window: bool = False  # face models trained with framing jitter: they take a window of a photo's own pixels
+    #                       near their template's framing instead of a face warped onto it (photos.model_input)
 
 
 _MMEDIT = "https://download.openmmlab.com/mmediting"
 _APACHE = "weights: Apache-2.0 (OpenMMLab release)"
-_SMALL = dict(style_channels=96, num_mlps=2, channel_multiplier=1, channel_base=96)   # the shipped 64 px bank
+_SMALL = dict(style_channels=96, num_mlps=2, channel_multiplier=1, channel_base=96)   # the shipped banks, 64 and 128 px
+_LFW_GLEAN = dict(out_size=128, rrdb_channels=64, num_rrdbs=3, rrdb_growth_channels=32, decoder_channels=64, **_SMALL)
+_LFW = ("weights: Apache-2.0 (this project); data: LFW (Labeled Faces in the Wild), 4,749 people, research use "
+        "(the photos belong to their owners); see weights/MODEL_CARD_128.md")
 _CELEBA = ("weights: Apache-2.0 (this project); data: CelebA ids 1-10000, non-commercial research purposes only "
            "(CelebA terms); see weights/MODEL_CARD.md")
 WEIGHTS = {
@@ -64,6 +69,18 @@ WEIGHTS = {
         _CELEBA,
         note="this project's small GLEAN, 8x (8 -> 64), trained on a 2-core CPU; ships with the code, works offline",
         template=CELEBA_64),
+    "glean_face_in16_8x": Weights(
+        "weights/glean_face_in16_8x.safetensors", "8f2fccef", "glean", dict(in_size=16, **_LFW_GLEAN),
+        "faces (LFW photos, 128x128, aligned to the TIGHT template: the face fills the frame)", _LFW,
+        note="this project's GLEAN for faces of real low-resolution photos, 8x (16 -> 128), trained on a 2-core CPU "
+             "with real-file degradations (8-bit, mild blur, noise, JPEG); ships with the code, works offline",
+        template=TIGHT, window=True),
+    "glean_face_in32_4x": Weights(
+        "weights/glean_face_in32_4x.safetensors", "db22559a", "glean", dict(in_size=32, **_LFW_GLEAN),
+        "faces (LFW photos, 128x128, aligned to the TIGHT template: the face fills the frame)", _LFW,
+        note="this project's GLEAN for larger faces of real low-resolution photos, 4x (32 -> 128), trained like "
+             "glean_face_in16_8x on the same bank; ships with the code, works offline",
+        template=TIGHT, window=True),
     "glean_face_16x": Weights(
         f"{_MMEDIT}/restorers/glean/glean_ffhq_16x_20210527-61a3afad.pth", "61a3afad", "glean-official",
         dict(in_size=64, out_size=1024), "faces (FFHQ)", f"{_APACHE}; data: FFHQ, CC BY-NC-SA 4.0",
@@ -97,6 +114,11 @@ WEIGHTS = {
         "faces (CelebA, 64x64 centre crops)", _CELEBA,
         note="this project's small StyleGAN2 (64 px), trained with train.py --stage bank: the latent bank of "
              "glean_face_small_8x; ships with the code"),
+    "stylegan2_lfw_128": Weights(
+        "weights/stylegan2_lfw_128.safetensors", "f89cc4a2", "stylegan2", dict(out_size=128, **_SMALL),
+        "faces (LFW photos, 128x128, TIGHT template)", _LFW,
+        note="this project's small StyleGAN2 (128 px), grown from stylegan2_celeba_64 with train.py --stage bank "
+             "--init: the latent bank of glean_face_in16_8x and glean_face_in32_4x; ships with the code"),
 }
 
 DEFAULT_MODEL = "glean_face_small_8x"   # what infer.py, demo.py and torch.hub users get without naming a model
@@ -144,21 +166,24 @@ def load_pretrained(name_or_path, *, fast: bool = True, progress: bool = True) -
     project's format, a training checkpoint of train.py, or an official release file (`generator.*` keys, e.g.
     glean_ffhq_16x_20210527-61a3afad.pth downloaded by hand; its configuration is read off its tensors).
     fast=True (the default) gives glean_fast.GLEANFast, the same network computed faster; False the reference.
-    The model's `face_template` attribute tells infer.py how to frame faces for it (see face_template)."""
+    The model's `face_template` attribute tells infer.py how to frame faces for it, `face_window` whether it takes
+    a window of the photo's own pixels (see face_entry, Weights.window)."""
     model = _load(name_or_path, glean_fast.GLEANFast if fast else glean.GLEAN, progress)
-    model.face_template = face_template(name_or_path, model.cfg)
+    entry = face_entry(name_or_path, model.cfg)
+    model.face_template = entry.template if entry else ()
+    model.face_window = bool(entry and entry.window)   # see Weights.window
     model.name = str(name_or_path)                 # what infer.py --faces notes name it by
     return model
 
 
-def face_template(name_or_path, cfg: glean.GLEANConfig) -> tuple:
-    """The face template of a registered model, or of a file whose configuration is a registered face model's
-    (e.g. an official release file by path); () if none is known (then faces cannot be aligned for it)."""
+def face_entry(name_or_path, cfg: glean.GLEANConfig) -> Weights | None:
+    """The registered face model a name or a file stands for: by name, or the one whose configuration the file's
+    is (when that identifies one framing); None if none."""
     if name_or_path in WEIGHTS:
-        return WEIGHTS[name_or_path].template
-    same = [w.template for w in WEIGHTS.values() if w.kind.startswith("glean") and w.template and
+        return WEIGHTS[name_or_path] if WEIGHTS[name_or_path].template else None
+    same = [w for w in WEIGHTS.values() if w.kind.startswith("glean") and w.template and
             glean.GLEANConfig(**w.config) == cfg]
-    return same[0] if len(set(same)) == 1 else ()
+    return same[0] if len({(w.template, w.window) for w in same}) == 1 else None
 
 
 def _load(name_or_path, cls, progress: bool) -> glean.GLEAN:

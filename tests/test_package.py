@@ -53,10 +53,12 @@ def test_wheel_contents_and_metadata(installed):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"glean_sr", wheel.name.split("-py3")[0] + ".dist-info"}       # one package, nothing generic
     assert {"glean_sr/infer.py", "glean_sr/glean.py", "glean_sr/weights/glean_face_small_8x.safetensors",
-            "glean_sr/weights/stylegan2_celeba_64.safetensors"} <= set(names)
+            "glean_sr/weights/stylegan2_celeba_64.safetensors", "glean_sr/weights/glean_face_in16_8x.safetensors",
+            "glean_sr/weights/glean_face_in32_4x.safetensors", "glean_sr/weights/MODEL_CARD_128.md"} <= set(names)
     meta = zipfile.ZipFile(wheel).read(wheel.name.split("-py3")[0] + ".dist-info/METADATA").decode()
     assert "License-Expression: Apache-2.0" in meta and "Requires-Dist: tqdm" in meta
     assert any(n.endswith("licenses/LICENSE") for n in names) and any(n.endswith("MODEL_CARD.md") for n in names)
+    assert any(n.endswith("licenses/weights/MODEL_CARD_128.md") for n in names)
     source = zipfile.ZipFile(wheel).read("glean_sr/infer.py").decode()
     assert "\nfrom . import glean\n" in source and "\nimport glean\n" not in source    # imports made relative
     dist_info = wheel.name.split("-py3")[0] + ".dist-info"

@@ -249,8 +249,11 @@ def test_photo_size_limits_are_checked_first(monkeypatch):
 def test_python_users_see_the_notes(model, astronaut):
     with pytest.warns(photos.Note, match="left as the bicubic upscale"):
         infer.restore_faces(model, astronaut, outscale=1)
-    with pytest.warns(photos.Note, match="aligned to the model's 8x8 framing"):
+    with pytest.warns(photos.Note) as caught:
         infer.upscale(model, images.to_pil(astronaut))
+    said = [str(w.message) for w in caught]
+    assert any("aligned to the model's 8x8 framing" in m for m in said)
+    assert any("the 64x64 result is smaller than the 512x512 input" in m for m in said)
 
 
 def test_faces_touching_the_border(astronaut):
@@ -317,3 +320,38 @@ def test_framing_study_on_real_faces(model):
     study = evaluate.framing_study(model, images.list_images(folder)[:24])["results"]
     gain = {k: v["GLEAN"]["psnr"] - v["bicubic"]["psnr"] for k, v in study.items()}
     assert gain["misframed, --simulate"] > 1.4 and gain["misframed, centre crop"] < 1.0, gain
+
+
+def test_window_is_the_photos_own_pixels_mirrored_beyond_its_border():
+    a = np.random.default_rng(0).random((20, 30, 3), dtype=np.float32)
+    lm = np.array([[12.0, 8], [17, 8], [14.5, 11], [12.5, 14], [16.5, 14]])               # a face near (14.5, 11)
+    crop, M = faces.window(a, lm, np.asarray(zoo.TIGHT), 16)
+    x0, y0 = -int(M[0, 2]), -int(M[1, 2])
+    assert crop.shape == (16, 16, 3) and np.array_equal(M[:, :2], np.eye(2))          # a whole-pixel shift
+    _, Mw = faces.align(a, lm, np.asarray(zoo.TIGHT), 16)                                  # the warp's frame ...
+    centre = faces.invert(Mw) @ np.array([8, 8, 1.0])
+    assert abs(x0 + 8 - centre[0]) <= 0.5 and abs(y0 + 8 - centre[1]) <= 0.5              # ... centred the same
+    assert np.array_equal(crop, a[y0:y0 + 16, x0:x0 + 16])                                # no resampling
+    edge, M = faces.window(a, lm - [12, 0], np.asarray(zoo.TIGHT), 16)                    # past the left border
+    x0 = -int(M[0, 2])
+    assert x0 < 0 and np.array_equal(edge[:, -x0:], a[-int(M[1, 2]):-int(M[1, 2]) + 16, :16 + x0])
+    assert np.array_equal(edge[:, -x0 - 1], edge[:, -x0])                                  # 'symmetric': -1 -> 0
+
+
+def test_window_models_take_upright_faces_near_their_scale_as_windows(astronaut):
+    """photos.model_input: a window model (trained with framing jitter) gets the photo's own pixels for a face near
+    its scale and upright, a warped face otherwise (tilted, or far from its scale); other models always the warp."""
+    face = faces.load_detector().detect(astronaut)[0]
+    m = photos.FaceModel("w", 16, 128, zoo.TIGHT, window=True)
+    s = photos.shrink_for(face.landmarks, m)
+    small = images.imresize(torch.from_numpy(astronaut).permute(2, 0, 1), scale=1 / s).clamp(0, 1)
+    a = small.permute(1, 2, 0).contiguous().numpy()                                         # the face at shrink 1
+    lm = np.asarray(face.landmarks) / s
+    crop, M = photos.model_input(a, lm, m)
+    assert np.array_equal(M[:, :2], np.eye(2)) and np.array_equal(crop, a[-int(M[1, 2]):-int(M[1, 2]) + 16,
+                                                                         -int(M[0, 2]):-int(M[0, 2]) + 16])
+    c, t = np.cos(np.radians(20)), np.sin(np.radians(20))
+    tilted = (lm - lm.mean(0)) @ np.array([[c, t], [-t, c]]) + lm.mean(0)                  # a head tilted 20 degrees
+    for landmarks, model in ((tilted, m), (lm * 0.6, m), (lm, photos.FaceModel("w", 16, 128, zoo.TIGHT))):
+        _, M = photos.model_input(a, landmarks, model)
+        assert not np.allclose(M[:, :2], np.eye(2)), landmarks                             # warped onto the template
