@@ -346,8 +346,12 @@ def pick_device(name: str = "") -> torch.device:
 
 
 def load_model(name_or_path: str = "", device: str = "", half: bool = False) -> glean.GLEAN:
-    """A registered model (zoo.WEIGHTS) or a checkpoint file, on the device, in half precision if asked (CUDA)."""
+    """A registered model (zoo.WEIGHTS) or a checkpoint file, on the device, in half precision if asked (CUDA).
+    A file ending in .onnx (written by export.py) runs through onnxruntime, in the precision it was exported in."""
     dev = pick_device(device)
+    if str(name_or_path).lower().endswith(".onnx"):
+        import export
+        return export.OnnxGLEAN(name_or_path, str(dev))
     if half and dev.type != "cuda":
         raise InputError("half precision is for CUDA only; on a CPU the model runs in float32")
     model = zoo.load_pretrained(name_or_path or zoo.DEFAULT_MODEL).to(dev)
