@@ -6,6 +6,7 @@ the fast path's machinery is visible. With --train: training iterations per seco
     python bench.py                       # CPU: cat 8x (32->256), ffhq 16x (64->1024), the shipped 8 -> 64 model
     python bench.py --device cuda --amp   # also on a GPU, in fp16/bf16 autocast
     python bench.py --train               # train.py's loop: the small built-in face config and official cat 8x
+    python bench.py --onnx                # the fast path and onnxruntime (export.py's file), interleaved
 
 Each configuration runs in a fresh subprocess, so peak RSS is that of one model and one image. Before timing, the
 golden case (tests/data) is checked against the official output. FLOPs are counted by torch's FlopCounterMode
@@ -195,6 +196,76 @@ def precision(name: str) -> dict:
             "fast_fp32": (yf - y64).abs().max().item()}
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS measurement (VmHWM) in this process (Linux: 5 to /proc/self/clear_refs); False where
+    it cannot be reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_onnx(name: str, repeats: int) -> dict:
+    """Runs in its own process: the fast path and onnxruntime (the model exported by export.py, CPU execution
+    provider, all graph optimisations, as many intra-op threads as torch has) on the same weights and input,
+    interleaved forward by forward. Peak RSS is measured per forward (reset before each), so it holds both models'
+    weights; `rise` is the peak above the resident memory just before the forward: the forward's working memory."""
+    import export
+    import glean
+    import glean_fast
+    import zoo
+    torch.manual_seed(0)
+    model = (zoo.load_pretrained(zoo.DEFAULT_MODEL) if CONFIGS[name] is None else
+             glean_fast.GLEANFast(glean.GLEANConfig(**CONFIGS[name])).eval())
+    cfg = model.cfg
+    t = time.perf_counter()
+    runner = export.OnnxGLEAN(export.to_onnx(model, name=name), "cpu")
+    export_s = time.perf_counter() - t
+    x = torch.rand(1, 3, cfg.in_size, cfg.in_size) * 2 - 1
+    runs = {"fast": model, "onnxruntime": runner}
+    times, peaks, rises = ({k: [] for k in runs} for _ in range(3))
+    with torch.no_grad():
+        out = {k: f(x) for k, f in runs.items()}                              # warm-up
+        for _ in range(repeats):
+            for k, f in runs.items():
+                before = max_rss_mib() if reset_peak_rss() else float("nan")  # VmHWM = VmRSS right after a reset
+                t = time.perf_counter()
+                f(x)
+                times[k].append(time.perf_counter() - t)
+                peaks[k].append(max_rss_mib())
+                rises[k].append(peaks[k][-1] - before)
+    from torch.utils.flop_counter import FlopCounterMode
+    model.strip_elems = 0
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    peak, op = conv_peak(torch.device("cpu"))
+    return {"config": name, "export_s": export_s, "flops": counter.get_total_flops(), "conv_peak_gflops": peak,
+            "conv_peak_op": op, "max_abs_diff": (out["fast"] - out["onnxruntime"]).abs().max().item(),
+            "output_std": out["fast"].std().item(),
+            **{k: {"times_s": [round(v, 4) for v in times[k]], "median_s": statistics.median(times[k]),
+                   "peak_rss_MiB": max(peaks[k]), "rise_MiB": max(rises[k])} for k in runs}}
+
+
+def bench_onnx(names, repeats: int, threads, results: list) -> None:
+    """--onnx: run_onnx for each configuration in a fresh process; one line per runtime."""
+    for name in names:
+        cmd = [sys.executable, __file__, "--_onnx", name, "--repeats", str(repeats)]
+        cmd += ["--threads", str(threads)] if threads else []
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        results.append(r)
+        print(f"{name:9s} exported in {r['export_s']:.1f} s; onnxruntime vs fast path max abs difference "
+              f"{r['max_abs_diff']:.1e} (output std {r['output_std']:.2f})")
+        for k in ("fast", "onnxruntime"):
+            m = r[k]["median_s"]
+            gflops = r["flops"] / m / 1e9
+            print(f"{'':9s} {k:11s} {m:.4f} s/image (runs {r[k]['times_s']}), {gflops:.1f} GFLOP/s = "
+                  f"{100 * gflops / r['conv_peak_gflops']:.0f}% of conv peak {r['conv_peak_gflops']:.1f} GFLOP/s; "
+                  f"peak RSS {r[k]['peak_rss_MiB']:.0f} MiB (both models loaded; the forward's rise "
+                  f"{r[k]['rise_MiB']:.0f} MiB)")
+
+
 TRAIN_CONFIGS = {  # name: (GLEANConfig kwargs, batch, steps)
     "small_8x": (dict(in_size=8, out_size=64, style_channels=96, channel_multiplier=1, channel_base=96,
                       rrdb_channels=32, num_rrdbs=3, rrdb_growth_channels=16), 16, 12),
@@ -255,8 +326,27 @@ def main():
     ap.add_argument("--train", action="store_true", help="benchmark train.py's loop instead of inference")
     ap.add_argument("--precision", action="store_true", help="instead of timing: both paths' float32 error against "
                                                              "the reference in float64 (large activations)")
+    ap.add_argument("--onnx", action="store_true", help="the fast path against onnxruntime (export.py's file, CPU), "
+                                                        "interleaved in one process (default configs: cat_8x "
+                                                        "ffhq_16x)")
     ap.add_argument("--_one", help=argparse.SUPPRESS)
+    ap.add_argument("--_onnx", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._onnx:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(run_onnx(args._onnx, args.repeats)))
+        return
+    if args.onnx:
+        names = [n for n in args.configs if n not in FACE_SCENES]
+        names = ["cat_8x", "ffhq_16x"] if names == [n for n in CONFIGS if n not in FACE_SCENES] else names
+        print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, CPU; fast path vs "
+              f"onnxruntime {__import__('onnxruntime').__version__}")
+        results = []
+        bench_onnx(names, args.repeats, args.threads, results)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+        return
     if args.train:
         bench_train(list(TRAIN_CONFIGS), "" if args.device == "cpu" else args.device, args.threads)
         return

@@ -169,7 +169,8 @@ class OnnxGLEAN(nn.Module):
     `name`, and forward on [B, 3, in_size, in_size] float32 in [-1, 1] -> [B, 3, out_size, out_size] (CPU tensors).
 
     device: "" (onnxruntime's CUDA provider where it has one, else the CPU), "cpu", "cuda" or "cuda:N". The file
-    fixes the precision (float32). onnxruntime's intra-op threads follow torch's (torch.get_num_threads()).
+    fixes the precision (float32). onnxruntime's intra-op threads follow torch's (torch.get_num_threads()) and do
+    not spin while idle.
     """
 
     def __init__(self, file, device: str = "", *, threads: int = 0):
@@ -181,6 +182,9 @@ class OnnxGLEAN(nn.Module):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # idle threads sleep instead of spinning: between forwards, torch (image preparation, the fast path in
+        # bench.py --onnx) needs the cores that spinning threads would hold
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(file if isinstance(file, bytes) else str(file), options,
                                                 providers=providers(ort, device))
