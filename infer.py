@@ -594,7 +594,8 @@ def say(kind: str, message: str) -> None:
 
 class Run:
     """One command-line run over the collected files: read each, process them in batches (the mode's function),
-    write each result atomically; counts what was written and what failed."""
+    write each result atomically; counts what was written and what failed. What happens to each file goes through
+    `failure`, `success` and `say`, which batch.py's workers override to report it per file."""
 
     def __init__(self, args, model, mask, outputs: "Outputs", max_pixels: int, total: int):
         from tqdm import tqdm
@@ -617,15 +618,25 @@ class Run:
                 raise InputError(f"{src} is {a.shape[1]}x{a.shape[0]}, the model takes {size}x{size} (drop "
                                  f"--strict-size to crop and resize)")
         except InputError as e:
-            self.failed += 1
-            say("error", str(e))
+            self.failure(src, str(e))
             self.bar.update(1)
             return
         for note in notes:
-            say("note", note)
+            self.say("note", note)
         self.queue.append((src, root, a, bits))
         if len(self.queue) >= args.batch:
             self.flush()
+
+    say = staticmethod(say)                                  # a note or an error: one line on stderr
+
+    def failure(self, src: Path, message: str) -> None:
+        """An input that could not be processed or written: counted, and one line."""
+        self.failed += 1
+        self.say("error", message)
+
+    def success(self, src: Path, dst: Path) -> None:
+        """An output written."""
+        self.written += 1
 
     def one(self, src: Path, a: np.ndarray, bits: int, notes: list) -> tuple:
         """The outputs of one image in a mode that takes images one at a time: ({suffix: array}, bits)."""
@@ -655,8 +666,7 @@ class Run:
             try:
                 outs, out_bits = self.one(src, a, bits, notes)
             except InputError as e:
-                self.failed += 1
-                say("error", str(e))
+                self.failure(src, str(e))
                 continue
             done.append((src, root, out_bits, outs))
         return done
@@ -670,11 +680,10 @@ class Run:
                 self.outputs.refuse_input(dst)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 write_image(out, dst, bits)
-                self.written += 1
+                self.success(src, dst)
             except (InputError, OSError) as e:
-                self.failed += 1
-                say("error", str(e) if isinstance(e, InputError) else
-                    f"{dst}: cannot write ({e.strerror or e}); {src} was not saved")
+                self.failure(src, str(e) if isinstance(e, InputError) else
+                             f"{dst}: cannot write ({e.strerror or e}); {src} was not saved")
                 return
 
     def flush(self) -> None:
@@ -685,13 +694,13 @@ class Run:
         try:
             done = self.results(notes)
         except torch.cuda.OutOfMemoryError:
-            self.failed += len(self.queue)
-            say("error", f"out of GPU memory for {', '.join(str(s) for s, _, _, _ in self.queue)}: use --batch 1, "
-                         f"or --device cpu")
+            for src, _, _, _ in self.queue:
+                self.failure(src, f"{src}: out of GPU memory (with {len(self.queue)} image(s) per forward): use "
+                                  f"--batch 1, or --device cpu")
         for src, root, bits, outs in done:
             self.write(src, root, bits, outs, notes)
         for note in notes:
-            say("note", note)
+            self.say("note", note)
         self.bar.update(len(self.queue))
         self.queue.clear()
 
