@@ -29,10 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-import infer
-import zoo
 from PIL import Image
 
+import infer
+import zoo
 from glean_io import CheckpointError, one_line, remove_killed_temp, sha256_of
 from images import IMAGE_EXTS, InputError
 
