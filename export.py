@@ -199,7 +199,8 @@ class OnnxGLEAN(nn.Module):
             self.face_template = tuple(tuple(float(v) for v in p) for p in json.loads(meta["face_template"]))
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{source}: its metadata is damaged ({e}); export the model again") from e
-        self.name, self.weights_sha256, self.metadata = meta.get("model", Path(source).name), meta.get("weights_sha256"), meta
+        self.name, self.weights_sha256 = meta.get("model", Path(source).name), meta.get("weights_sha256")
+        self.metadata = meta
         self.input_name = self.session.get_inputs()[0].name
         # infer.run_model and photos.run_faces send inputs to the device and dtype of a model's first parameter
         self.device_probe = nn.Parameter(torch.empty(0), requires_grad=False)
