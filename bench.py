@@ -266,6 +266,23 @@ def bench_onnx(names, repeats: int, threads, results: list) -> None:
                   f"{r[k]['rise_MiB']:.0f} MiB)")
 
 
+def onnx_cli(args) -> None:
+    """--onnx (each configuration in a fresh process: --_onnx)."""
+    if args._onnx:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(run_onnx(args._onnx, args.repeats)))
+        return
+    names = [n for n in args.configs if n not in FACE_SCENES]
+    names = ["cat_8x", "ffhq_16x"] if names == [n for n in CONFIGS if n not in FACE_SCENES] else names
+    print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, CPU; fast path vs "
+          f"onnxruntime {__import__('onnxruntime').__version__}")
+    results = []
+    bench_onnx(names, args.repeats, args.threads, results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
 TRAIN_CONFIGS = {  # name: (GLEANConfig kwargs, batch, steps)
     "small_8x": (dict(in_size=8, out_size=64, style_channels=96, channel_multiplier=1, channel_base=96,
                       rrdb_channels=32, num_rrdbs=3, rrdb_growth_channels=16), 16, 12),
@@ -332,21 +349,8 @@ def main():
     ap.add_argument("--_one", help=argparse.SUPPRESS)
     ap.add_argument("--_onnx", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args._onnx:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        print(json.dumps(run_onnx(args._onnx, args.repeats)))
-        return
-    if args.onnx:
-        names = [n for n in args.configs if n not in FACE_SCENES]
-        names = ["cat_8x", "ffhq_16x"] if names == [n for n in CONFIGS if n not in FACE_SCENES] else names
-        print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, CPU; fast path vs "
-              f"onnxruntime {__import__('onnxruntime').__version__}")
-        results = []
-        bench_onnx(names, args.repeats, args.threads, results)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=1))
-        return
+    if args.onnx or args._onnx:
+        return onnx_cli(args)
     if args.train:
         bench_train(list(TRAIN_CONFIGS), "" if args.device == "cpu" else args.device, args.threads)
         return
