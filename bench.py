@@ -6,6 +6,8 @@ the fast path's machinery is visible. With --train: training iterations per seco
     python bench.py                       # CPU: cat 8x (32->256), ffhq 16x (64->1024), the shipped 8 -> 64 model
     python bench.py --device cuda --amp   # also on a GPU, in fp16/bf16 autocast
     python bench.py --train               # train.py's loop: the small built-in face config and official cat 8x
+    python bench.py --precision fp32 bf16 # the fast path in both precisions, interleaved (default: fp32 auto)
+    python bench.py --precision-report    # fidelity of bf16 and fp16 against fp32 (README, "Precision")
 
 Each configuration runs in a fresh subprocess, so peak RSS is that of one model and one image. Before timing, the
 golden case (tests/data) is checked against the official output. FLOPs are counted by torch's FlopCounterMode
