@@ -9,13 +9,16 @@
 Inputs: a folder (searched recursively) or a text file listing image paths, one a line (relative paths are taken
 from the list's folder). Each image gets the output `python infer.py -i SRC -o DST` would write for it: the same
 name (the folder structure kept, `_glean` appended), the same handling of its size, faces, alpha, greyscale and
-16 bits, the same bytes. Each worker (a Ray actor) loads the model once and runs one forward per batch of
-`--batch` images; outputs are written atomically where every worker can reach them (a shared folder on a cluster).
+16 bits, the same bytes (in bf16, up to bf16 rounding, 1-2/255, where a worker's batch groups images differently
+from infer.py's `--batch`). `--precision` is infer.py's (auto: bf16 where the driver's CPU has bf16 instructions,
+else fp32), resolved once by the driver so that every worker runs the same. Each worker (a Ray actor) loads the
+model once and runs one forward per batch of `--batch` images; outputs are written atomically where every worker
+can reach them (a shared folder on a cluster).
 
 The manifest (DST/batch_manifest.jsonl, one JSON object a line) records each input: path, size, mtime, output
-path, the model's sha256 and the status. A second run skips what is done (same size, mtime and model, output
-still there), so a killed run resumes where it stopped. A file that cannot be read or written is one line naming
-it and a manifest row, never a failed job; the exit code is 1 if any file failed.
+path, the model's sha256, the precision and the status. A second run skips what is done (same size, mtime, model
+and precision, output still there), so a killed run resumes where it stopped. A file that cannot be read or written
+is one line naming it and a manifest row, never a failed job; the exit code is 1 if any file failed.
 
 Ray Data's own tasks (feeding the workers, collecting results) need CPU besides the workers: one CPU per machine
 is kept free of model workers, so a 2-core machine does not stall.
@@ -31,6 +34,7 @@ from pathlib import Path
 
 from PIL import Image
 
+import glean_fast
 import infer
 import zoo
 from glean_io import CheckpointError, one_line, remove_killed_temp, sha256_of
@@ -79,11 +83,11 @@ class NamedOutputs(infer.Outputs):
 class Upscaler:
     """A Ray actor: loads the model once, then upscales batches {"input", "root", "name"} -> manifest rows."""
 
-    def __init__(self, model: str, argv: list, threads: int):
+    def __init__(self, model: str, argv: list, threads: int, precision: str = "fp32"):
         import torch
         torch.set_num_threads(threads)
         self.args = infer.build_parser().parse_args(argv)
-        self.model = infer.load_model(model, "cpu")
+        self.model = infer.load_model(model, "cpu", precision, notes=[])  # the driver says if it runs emulated
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
@@ -158,9 +162,12 @@ def read_manifest(path: Path) -> dict:
     return rows
 
 
-def is_done(row: dict | None, src: str, model_sha256: str) -> bool:
-    """Whether the manifest says src was done by this model, and neither it nor its output changed since."""
+def is_done(row: dict | None, src: str, model_sha256: str, precision: str = "fp32") -> bool:
+    """Whether the manifest says src was done by this model in this precision, and neither it nor its output
+    changed since."""
     if not row or row.get("status") != "done" or row.get("model_sha256") != model_sha256:
+        return False
+    if row.get("precision", "fp32") != precision:
         return False
     same = {k: row.get(k) for k in ("size", "mtime_ns")} == stat_of(src)
     return same and Path(row.get("output", "")).is_file()
@@ -187,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model workers (each loads the model once; default: one per machine)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per worker (default: the cluster's CPUs / workers)")
+    ap.add_argument("--precision", choices=["auto", *glean_fast.PRECISIONS], default="auto",
+                    help="the convolutions' precision, as infer.py's (default: auto, resolved on this machine)")
     ap.add_argument("--suffix", default="_glean", help="appended to each output name (default: _glean)")
     ap.add_argument("--ext", default="auto", help="output format: auto (as the input), png, jpg, ... (default: auto)")
     return ap
@@ -224,7 +233,7 @@ def plan(ray, args) -> tuple:
     return workers, cpus, threads
 
 
-def run_batch(args, files: list, todo: list, sha: str, manifest: Path) -> int:
+def run_batch(args, files: list, todo: list, sha: str, manifest: Path, precision: str = "fp32") -> int:
     """Upscale `todo` on Ray Data, append a manifest row per file as results come in; returns the failures."""
     ray = start_ray(args.address)
     workers, cpus, threads = plan(ray, args)
@@ -236,7 +245,7 @@ def run_batch(args, files: list, todo: list, sha: str, manifest: Path) -> int:
     ds = ds.map_batches(Upscaler, batch_size=args.batch, batch_format="numpy", num_cpus=cpus,
                         compute=ray.data.ActorPoolStrategy(size=workers),
                         fn_constructor_kwargs={"model": args.model or zoo.DEFAULT_MODEL, "argv": argv,
-                                               "threads": threads})
+                                               "threads": threads, "precision": precision})
     print(f"{len(todo)} image(s) to do on {workers} worker(s) ({threads} threads each)", file=sys.stderr)
     done = failed = 0
     started = time.time()
@@ -248,7 +257,8 @@ def run_batch(args, files: list, todo: list, sha: str, manifest: Path) -> int:
             for src, status, dst, error, worker in zip(out["input"], out["status"], out["output"], out["error"],
                                                        out["worker"]):
                 row = {"input": str(src), **stats[str(src)], "output": str(dst), "model_sha256": sha,
-                       "status": str(status), "error": str(error), "worker": str(worker), "time": time.time()}
+                       "precision": precision, "status": str(status), "error": str(error), "worker": str(worker),
+                       "time": time.time()}
                 log.write(json.dumps(row) + "\n")
                 failed += status != "done"
                 done += 1
@@ -278,18 +288,24 @@ def main(argv=None) -> int:
     for line in [f"error: {one_line(p)}" for p in problems] + [f"note: {one_line(n)}" for n in notes + found]:
         print(line, file=sys.stderr)
     manifest = outdir / MANIFEST
+    name, cpu = args.model or zoo.DEFAULT_MODEL, infer.torch.device("cpu")
+    onnx = name.lower().endswith(".onnx")                    # runs as exported (fp32), whatever auto would pick
+    precision, note = ("fp32", "") if onnx and args.precision == "auto" else glean_fast.choose_precision(
+        args.precision, cpu)
     try:              # loaded here once: a bad model is one line, and a registered one is downloaded only once
-        infer.load_model(args.model or zoo.DEFAULT_MODEL, "cpu")
-        sha = model_sha256(args.model or zoo.DEFAULT_MODEL)
+        infer.load_model(name, "cpu", precision, notes=[])
+        sha = model_sha256(name)
     except (CheckpointError, InputError, ValueError, OSError) as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
+    print(glean_fast.precision_line(args.precision, precision, cpu) + (f"; note: {note}" if note else ""),
+          file=sys.stderr)
     rows = read_manifest(manifest)
-    todo = [(s, r) for s, r in files if not is_done(rows.get(str(s)), str(s), sha)]
+    todo = [(s, r) for s, r in files if not is_done(rows.get(str(s)), str(s), sha, precision)]
     if len(todo) < len(files):
         print(f"note: {len(files) - len(todo)} of {len(files)} image(s) done by an earlier run (see {manifest})",
               file=sys.stderr)
-    failed = run_batch(args, files, todo, sha, manifest) if todo else 0
+    failed = run_batch(args, files, todo, sha, manifest, precision) if todo else 0
     bad = failed + len(problems)
     print(one_line(f"{len(files) - failed} of {len(files)} image(s) done in {outdir}" +
                    (f"; {bad} problem(s), see above and {manifest}" if bad else "")))

@@ -18,7 +18,9 @@ from conftest import ROOT, tiny_cfg
 
 pytest.importorskip("ray.data")
 
+import batch  # noqa: E402
 import glean  # noqa: E402
+import glean_fast  # noqa: E402
 import infer  # noqa: E402
 
 LFW = ROOT.parent / "shared" / "data" / "lfw_val_250" / "images"
@@ -59,8 +61,10 @@ def photos(tmp_path_factory) -> Path:
 
 
 def test_same_outputs_as_infer_then_resume_and_a_list(photos, tmp_path):
-    assert infer.main(["-i", str(photos), "-o", str(tmp_path / "infer"), "--batch", "2"]) == 1   # broken.jpg
-    r = run_batch("-i", photos, "-o", tmp_path / "batch", "--batch", "2")
+    # fp32: a batch's outputs are those of its images one at a time, however the images are grouped
+    fp32 = ["--batch", "2", "--precision", "fp32"]
+    assert infer.main(["-i", str(photos), "-o", str(tmp_path / "infer"), *fp32]) == 1   # broken.jpg
+    r = run_batch("-i", photos, "-o", tmp_path / "batch", *fp32)
     assert r.returncode == 1, r.stderr
     assert "broken.jpg" in r.stderr and "6/6 files" in r.stderr
     expected = outputs(tmp_path / "infer")
@@ -68,22 +72,33 @@ def test_same_outputs_as_infer_then_resume_and_a_list(photos, tmp_path):
     rows = manifest(tmp_path / "batch")
     assert sorted(r["status"] for r in rows) == ["done"] * 5 + ["failed"]
     assert all(r["model_sha256"] and r["size"] == os.path.getsize(r["input"]) for r in rows)
+    assert {r["precision"] for r in rows} == {"fp32"} and "precision: fp32" in r.stderr
     assert [r["error"] for r in rows if r["status"] == "failed"][0].startswith(str(photos / "sub" / "broken.jpg"))
     # a second run recomputes nothing that is done (only the broken file is tried again)...
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "batch").rglob("*_glean.*")}
-    r = run_batch("-i", photos, "-o", tmp_path / "batch", "--batch", "2")
+    r = run_batch("-i", photos, "-o", tmp_path / "batch", *fp32)
     assert r.returncode == 1 and "5 of 6 image(s) done by an earlier run" in r.stderr
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes and len(manifest(tmp_path / "batch")) == 7
     # ... but an input changed since is redone
     Image.fromarray(np.zeros((20, 12, 3), np.uint8)).save(photos / "sub" / "grey.jpg")
-    r = run_batch("-i", photos, "-o", tmp_path / "batch", "--batch", "2")
+    r = run_batch("-i", photos, "-o", tmp_path / "batch", *fp32)
     assert "4 of 6 image(s) done by an earlier run" in r.stderr
     # a text file listing paths: outputs flat, as infer.py gives files by name (same names get distinct outputs)
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(str(p) for p in sorted(photos.rglob("grey.*"))) + "\n")
+    # (the default precision, auto, as infer.py resolves it: in bf16 the pixels agree up to bf16 rounding, since
+    # the workers' batches group an image's tiles differently from infer.py's --batch 1)
     assert run_batch("-i", listing, "-o", tmp_path / "listed").returncode == 0
     assert infer.main(["-i", *map(str, sorted(photos.rglob("grey.*"))), "-o", str(tmp_path / "infer2")]) == 0
-    assert outputs(tmp_path / "listed") == outputs(tmp_path / "infer2") and len(outputs(tmp_path / "listed")) == 2
+    listed, expected = outputs(tmp_path / "listed"), outputs(tmp_path / "infer2")
+    assert sorted(listed) == sorted(expected) and len(listed) == 2
+    auto = glean_fast.choose_precision("auto", torch.device("cpu"))[0]
+    assert {r["precision"] for r in manifest(tmp_path / "listed")} == {auto}
+    for name in listed:
+        a, b = (np.asarray(Image.open(d / name), dtype=np.int16) for d in (tmp_path / "listed", tmp_path / "infer2"))
+        d = np.abs(a - b)                                    # (JPEG re-encoding spreads a 1-2/255 change)
+        assert a.shape == b.shape and d.max() <= (0 if auto == "fp32" else 3 if name.suffix == ".png" else 8)
+        assert d.mean() <= (0 if auto == "fp32" else 1)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +161,16 @@ def test_bad_arguments_are_one_line(tmp_path):
     (tmp_path / "x.png").write_bytes(b"")
     r = run_batch("-i", tmp_path, "-o", tmp_path / "out", "-m", "no_such_model")
     assert r.returncode == 2 and "unknown model 'no_such_model'" in r.stderr
+
+
+def test_a_file_done_in_another_precision_is_done_again(tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
+    (tmp_path / "a_glean.png").write_bytes(b"x")
+    st = os.stat(src)
+    row = {"input": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "output": str(tmp_path / "a_glean.png"),
+           "model_sha256": "abc", "precision": "bf16", "status": "done"}
+    assert batch.is_done(row, str(src), "abc", "bf16")
+    assert not batch.is_done(row, str(src), "abc", "fp32") and not batch.is_done(row, str(src), "abd", "bf16")
+    del row["precision"]                                     # a manifest from before --precision: fp32
+    assert batch.is_done(row, str(src), "abc", "fp32") and not batch.is_done(row, str(src), "abc", "bf16")

@@ -90,9 +90,9 @@ def test_infer_runs_an_onnx_file_like_the_model(shipped_onnx, tmp_path):
     Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(src / "a.png")
     Image.fromarray(rng.integers(0, 255, (10, 14), dtype=np.uint8)).save(src / "sub" / "grey.png")
     Image.fromarray(rng.integers(0, 255, (8, 8, 4), dtype=np.uint8)).save(src / "sub" / "alpha.png")
-    for model, out in ((str(shipped_onnx), "onnx"), (zoo.DEFAULT_MODEL, "torch")):
+    for model, out, flags in ((str(shipped_onnx), "onnx", []), (zoo.DEFAULT_MODEL, "torch", ["--precision", "fp32"])):
         assert infer.main(["-i", str(src), "-o", str(tmp_path / out), "-m", model, "--batch", "2",
-                           "--device", "cpu"]) == 0
+                           "--device", "cpu", *flags]) == 0                # the ONNX file: auto is its fp32
     names = sorted(p.relative_to(tmp_path / "torch") for p in (tmp_path / "torch").rglob("*.png"))
     assert names == sorted(p.relative_to(tmp_path / "onnx") for p in (tmp_path / "onnx").rglob("*.png"))
     assert len(names) == 3
@@ -116,6 +116,9 @@ def test_infer_names_a_bad_onnx_file_in_one_line(tmp_path, capsys):
     onnx.save(onnx.helper.make_model(graph), str(bad))
     assert infer.main(["-i", str(img), "-o", str(tmp_path / "out"), "-m", str(bad)]) == 2
     assert "not one export.py wrote" in capsys.readouterr().err
+    assert infer.main(["-i", str(img), "-o", str(tmp_path / "out"), "-m", str(bad), "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--precision bf16: an .onnx file runs in the precision it was exported in" in err and "\n" not in err
     assert not list((tmp_path / "out").glob("*.png"))
 
 
