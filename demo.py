@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 import glean
+import glean_fast
 import images
 import infer
 import photos
@@ -42,6 +43,7 @@ MAX_RESULT_PIXELS = 40_000_000   # the Photo tab lowers its scale to stay under 
 KEEP_RESULTS_S = 15 * 60         # downloads are deleted after this long
 _models, _lock = {}, threading.Lock()
 _outbox: list = []               # the private results folder, made on first use
+_precision = ["auto"]            # the models' precision (--precision; infer.load_model)
 
 
 def fail(message: str) -> gr.Error:
@@ -109,6 +111,10 @@ def model_label(name: str) -> str:
     return name if where is not None else f"{name} (downloads on first use)"
 
 
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def get_model(name: str) -> glean.GLEAN:
     """Load a registered model or a checkpoint file once (first use may download it) and keep it."""
     if name not in zoo.WEIGHTS and not Path(name).is_file():
@@ -116,7 +122,7 @@ def get_model(name: str) -> glean.GLEAN:
     with _lock:
         if name not in _models:
             try:
-                _models[name] = infer.load_model(name, "cuda" if torch.cuda.is_available() else "cpu")
+                _models[name] = infer.load_model(name, device(), _precision[0], notes=[])
             except (CheckpointError, images.InputError, ValueError, OSError) as e:
                 raise fail(f"could not load {name}: {e}") from None
         return _models[name]
@@ -209,7 +215,8 @@ def photo(upload, name: str, outscale: float):
                      f"{MAX_RESULT_PIXELS / 1e6:g} million pixels")
         scale = math.floor(limit * 100) / 100
     try:
-        r = photos.restore_photo(a, model=model, outscale=scale, name=Path(stem).name, max_output_pixels=0)
+        r = photos.restore_photo(a, model=model, outscale=scale, name=Path(stem).name, max_output_pixels=0,
+                                 precision=_precision[0])
     except images.InputError as e:
         raise fail(str(e)) from None
     result = images.to_pil(r.image)
@@ -405,12 +412,20 @@ def main(argv=None) -> int:
                     help="address to serve on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
                     help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    ap.add_argument("--precision", choices=["auto", *glean_fast.PRECISIONS], default="auto",
+                    help=f"the models' precision ({glean_fast.AUTO_RULE}; default: auto)")
     args = ap.parse_args(argv)
     missing = [m for m in args.model if m not in zoo.WEIGHTS and not Path(m).is_file()]
     if missing:
         print(f"error: --model {missing[0]}: neither a registered model ({', '.join(zoo.WEIGHTS)}) nor a file",
               file=sys.stderr)
         return 2
+    dev = torch.device(device())
+    chosen, note = glean_fast.choose_precision(args.precision, dev)
+    print(glean_fast.precision_line(args.precision, chosen, dev))          # stdout, as infer.py says it
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    _precision[0] = args.precision
     app = build(args.model + [m for m in MODELS if m not in args.model]) if args.model else demo
     app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, show_error=True)
     return 0

@@ -18,7 +18,10 @@ What it does, each measured on the project's 2-core CPU (see README, "Speed and 
   feature maps never exist whole (by default on CPUs, where it costs nothing; a GPU runs whole images), and free
   heap memory goes back to the OS before the largest stages.
 Precision: the NHWC kernels sum in another order than NCHW ones; in float32 the fast path stays within a small
-factor of the reference path's own rounding error (tests/test_fast.py measures both against float64).
+factor of the reference path's own rounding error (tests/test_fast.py measures both against float64). For
+inference, to_precision_ runs the convolutions in bf16 (CPUs with bf16 instructions: about twice as fast) or fp16
+(GPUs), float32 in and out; choose_precision decides "auto" (AUTO_RULE, from bench.py --precision-report's
+fidelity measurements; tests/test_precision.py holds the floor).
 """
 import ctypes
 import math
@@ -66,7 +69,8 @@ def weight_norms(layer: stylegan2.ModulatedConv2d) -> torch.Tensor:
     cached = layer.__dict__.get("_fast_norms")
     if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
         return cached[1]
-    w2 = (layer.scale * torch.linalg.vector_norm(layer.weight[0], dim=(2, 3))).square()   # no W^2 copy
+    dtype = layer.style_modulation.weight.dtype                      # float32 also when W is stored in bf16/fp16
+    w2 = (layer.scale * torch.linalg.vector_norm(layer.weight[0], dim=(2, 3), dtype=dtype)).square()  # no W^2 copy
     if not torch.is_grad_enabled():
         layer.__dict__["_fast_norms"] = (key, w2)
     return w2
@@ -89,7 +93,8 @@ def modulated_conv(layer: stylegan2.ModulatedConv2d, x: torch.Tensor, w: torch.T
     assert C == layer.in_channels, f"expected {layer.in_channels} input channels, got {C}"
     k = layer.kernel_size
     out_per_in = layer.out_channels / C * (4 if layer.upsample else 1)          # output / input elements
-    s = layer.style_modulation(w)                                                # s = A(w)   [B, I]
+    s = layer.style_modulation(w.to(layer.style_modulation.weight.dtype))        # s = A(w)   [B, I], float32
+    bias = bias.to(x.dtype) if bias is not None else None
     if B == 1 and x.numel() * (1 + out_per_in) >= layer.weight.numel():
         factor = (layer.scale * gain) * s[:, None, :]                            # [1, 1, I]
         if layer.demodulate:
@@ -118,10 +123,18 @@ def style_conv(layer: stylegan2.StyleConv, x: torch.Tensor, w: torch.Tensor, noi
     if noise is None:
         B, _, H, W = out.shape
         noise = torch.randn(B, 1, H, W, device=out.device, dtype=out.dtype)
-    noise = noise * (layer.noise_injector.weight * SQRT2)                       # [B or 1, 1, H, W]
+    noise = (noise * (layer.noise_injector.weight * SQRT2)).to(out.dtype)      # [B or 1, 1, H, W]
     if torch.is_grad_enabled():
         return F.leaky_relu(out + noise, 0.2)
     return F.leaky_relu_(out.add_(noise), 0.2)                                  # in place: no new allocation
+
+
+def to_rgb(layer: stylegan2.ToRGB, x: torch.Tensor, w: torch.Tensor, skip=None) -> torch.Tensor:
+    """layer(x, w, skip) in the layer's own precision (float32 when the style convs run in bf16, see
+    to_precision_): the RGB branch is only computed without a decoder (the Fig. 9 ablation), where it is the
+    output."""
+    dtype = layer.conv.weight.dtype
+    return layer(x.to(dtype), w.to(dtype), skip)
 
 
 class GeneratorFast(stylegan2.Generator):
@@ -269,6 +282,11 @@ class GLEANFast(glean.GLEAN):
         nhwc_weights_(self.bank)
         return self
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision the convolutions run in (float32 unless to_precision_ changed it); inputs are cast to it."""
+        return self.encoder[0][0].conv_first.weight.dtype
+
     def strip_size(self, device: torch.device) -> int:
         """strip_elems, or its default for this device (None: 2^22 values on a CPU, whole images elsewhere)."""
         if self.strip_elems is not None:
@@ -287,15 +305,17 @@ class GLEANFast(glean.GLEAN):
         for E_i in self.encoder[1:-1]:                                       # Eq. (1)
             f = E_i(f)                                                       # f_i: [B, ch[r/2], r/2, r/2]
             feats[f.shape[-1]] = f
-        C = self.encoder[-1](f).view(B, self.cfg.num_latents, self.cfg.style_channels)  # Eq. (2)
+        conv, act, flatten, fc = self.encoder[-1]
+        C = fc(flatten(act(conv(f))).to(fc.weight.dtype))                    # Eq. (2): [B, num_latents * S]
+        C = C.view(B, self.cfg.num_latents, self.cfg.style_channels)
         return feats, C
 
     def bank_input(self, C: torch.Tensor, rgb: bool = False):
         """S_0: the constant 4x4 input through the first style layer (c_0); with rgb=True also its toRGB (c_1)."""
         bank = self.bank
-        const = bank.constant_input(C.shape[0]).contiguous(memory_format=torch.channels_last)  # NHWC like the rest
+        const = bank.constant_input(C.shape[0]).to(self.dtype, memory_format=torch.channels_last)  # NHWC
         g = style_conv(bank.conv1, const, C[:, 0], bank.injected_noise_0)      # [B, ch[4], 4, 4]
-        return g, (bank.to_rgb1(g, C[:, 1]) if rgb else None)
+        return g, (to_rgb(bank.to_rgb1, g, C[:, 1]) if rgb else None)
 
     def fast_style_block(self, k: int, g: torch.Tensor, C: torch.Tensor, feats: dict, skip=None, row0: int = 0):
         """The k-th upsampling style block of the bank, with its fusion conv (Eq. 3): g [B, ch[r], h, r] ->
@@ -311,11 +331,11 @@ class GLEANFast(glean.GLEAN):
             g = conv2d(self.fusion_out[k], torch.cat([g, f], dim=1))         # Eq. (3): [B, ch[r], r, r]
             g = g.contiguous(memory_format=torch.channels_last)
             if skip is not None:
-                skip = self.fusion_skip[k](torch.cat([skip, f], dim=1))      # [B, 3, r, r]
+                skip = self.fusion_skip[k](torch.cat([skip, f.to(skip.dtype)], dim=1))   # [B, 3, r, r]
         g = style_conv(bank.convs[2 * k], g, C[:, i], noise[0])              # [B, ch[2r], 2h, 2r]
         g = style_conv(bank.convs[2 * k + 1], g, C[:, i + 1], noise[1])
         if skip is not None:
-            skip = bank.to_rgbs[k](g, C[:, i + 2], skip)                     # [B, 3, 2r, 2r]
+            skip = to_rgb(bank.to_rgbs[k], g, C[:, i + 2], skip)             # [B, 3, 2r, 2r]
         return g, skip
 
     def bank_step(self, g: torch.Tensor, C: torch.Tensor, feats: dict, elems: int) -> torch.Tensor:
@@ -332,7 +352,7 @@ class GLEANFast(glean.GLEAN):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B = self.check_input(x)
         cfg = self.cfg
-        x = x.contiguous(memory_format=torch.channels_last)  # NHWC: the fast layout for CPU (oneDNN) and GPU convs
+        x = x.to(self.dtype, memory_format=torch.channels_last)  # NHWC: the fast layout for CPU (oneDNN), GPU convs
         feats, C = self.encode(x)                                            # Eq. (1), (2)
         if not cfg.use_decoder:                                              # ablation: the bank's RGB is the output
             g, rgb = self.bank_input(C, rgb=True)
@@ -400,7 +420,7 @@ class GLEANFast(glean.GLEAN):
         g, g0 = cut_rows(self.fast_style_block(top, g, C, feats, row0=g0)[0], 2 * g0, 4 * r0 - 2, 4 * r1 + 2)
         x = shuffle_cat(o, g)                                                # [d, g] at out_size: rows from 2 o0
         del o, g
-        return cut_rows(self.decoder[-1](x), 2 * o0, 4 * r0, 4 * r1)[0]      # the output block
+        return cut_rows(self.output_block(x), 2 * o0, 4 * r0, 4 * r1)[0]
 
     def decoder_step(self, D_j: nn.Module, o: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         """d_j = D_j(d_{j-1}, g_j), Eq. (4): the previous block's conv output o [B, 4C, h, w] is pixel-shuffled to
@@ -408,7 +428,108 @@ class GLEANFast(glean.GLEAN):
         runs; its own shuffle is left to the next step. The output block (conv, lrelu, conv) ends the chain."""
         if isinstance(D_j, glean.PixelShufflePack):
             return conv2d(D_j.upsample_conv, shuffle_cat(o, g))              # [B, C + C_g, 2h, 2w] -> conv
-        return D_j(shuffle_cat(o, g))
+        return self.output_block(shuffle_cat(o, g))
+
+    def output_block(self, x: torch.Tensor) -> torch.Tensor:
+        """The last decoder block, conv -> lrelu -> conv to RGB [B, 3, H, W], its RGB conv in that conv's own
+        precision (float32 when the rest runs in bf16/fp16, see to_precision_)."""
+        conv, act, conv_rgb = self.decoder[-1]
+        return conv_rgb(act(conv(x)).to(conv_rgb.weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Precision: the convolutions in bf16 (CPUs with bf16 instructions) or fp16 (GPUs), for inference
+
+
+def to_precision_(model: GLEANFast, dtype: torch.dtype) -> GLEANFast:
+    """Run the model's convolutions in `dtype` (torch.bfloat16 or torch.float16) at inference: their weights are
+    stored in it (half the memory) and the activations between them flow in it, in NHWC; oneDNN and cuDNN sum each
+    convolution in float32 and round its output. Stay in float32: the styles s = A(w) and the demodulation norms
+    of the bank (vectors, computed once per image), the modulated weight W'' = W s d (rounded once, as the
+    convolution takes it), the final RGB conv (the output: bf16 keeps 8 bits, an 8-bit image needs more in
+    [-1, 1]) and the RGB branch of the no-decoder ablation. The model takes any float input, casts it inside and
+    returns float32. dtype float32: nothing changes. Set once, on a float32 model; not for training.
+    Rounding differs with the batch size (one image scales the weight, a batch the activations, each rounded to
+    dtype): a batch's outputs equal single images' up to that rounding (~1/255), not bit for bit as in float32."""
+    if not isinstance(model, GLEANFast):
+        raise TypeError(f"to_precision_ takes a GLEANFast (glean_fast.fast(model)); the reference "
+                        f"{type(model).__name__} stays float32")
+    if model.dtype == dtype:
+        return model
+    if model.dtype != torch.float32:
+        raise ValueError(f"to_precision_ needs a float32 model, this one runs in {model.dtype}; load it again")
+    layers = [m for m in model.encoder.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if model.bank is not None:
+        layers += list(model.fusion_out) + [model.bank.conv1.conv] + [c.conv for c in model.bank.convs]
+    if model.cfg.use_decoder:
+        layers += [m for m in model.decoder.modules() if isinstance(m, nn.Conv2d) and m is not model.decoder[-1][-1]]
+    freed = 0
+    for m in layers:
+        freed += m.weight.numel() * 4
+        m.weight.data = m.weight.data.to(dtype)                  # the NHWC layout is kept (values rounded)
+        if getattr(m, "bias", None) is not None:
+            m.bias.data = m.bias.data.to(dtype)
+        if freed > 1 << 24:     # every 16 MB of float32 weights freed: hand it back, else the process keeps the float32
+            release_free_memory()   # weights resident beside their copies (cat 8x: +160 MB of peak RSS)
+            freed = 0
+    release_free_memory()
+    return model
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Instruction-set features (torch.cpu.get_capabilities names) with which a CPU computes bf16 / fp16 convolutions
+# natively: AVX-512 BF16 (AMD Zen 4 and later, Intel Cooper Lake), AMX (Intel Sapphire Rapids and later), ARM BF16.
+CPU_FEATURES = {"bf16": ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"),
+                "fp16": ("avx512_fp16", "amx_fp16", "fp16_arith")}
+# --precision auto, decided by `python bench.py --precision-report` (README, "Precision"): bf16 kept every shipped
+# model >= 50 dB from fp32 (8-bit PSNR on LFW faces) at twice the speed; fp16 kept it >= 60 dB.
+AUTO_RULE = ("auto: bf16 on a CPU with bf16 instructions (AVX512-BF16, AMX, ARM BF16; 2x the speed of fp32, "
+             "outputs >= 50 dB from fp32's), fp16 on a CUDA GPU, fp32 elsewhere")
+
+
+def cpu_features() -> set:
+    """The instruction-set features torch sees on this CPU (torch.cpu.get_capabilities; before torch 2.8, the
+    flags of /proc/cpuinfo, or none)."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        return {k for k, v in get().items() if v is True}
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def native(precision: str, device: torch.device) -> bool:
+    """Whether the device computes convolutions in this precision natively (not emulated, slower than fp32)."""
+    if precision == "fp32":
+        return True
+    if device.type == "cuda":
+        return precision == "fp16" or torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and bool(cpu_features() & set(CPU_FEATURES[precision]))
+
+
+def choose_precision(precision: str, device: torch.device) -> tuple:
+    """(precision to run in, a one-line note or ""): "auto" resolved by AUTO_RULE; an explicit bf16 or fp16 runs as
+    asked, with a note if the device lacks the instructions for it."""
+    if precision == "auto":
+        best = "bf16" if device.type == "cpu" else "fp16" if device.type == "cuda" else "fp32"
+        return (best if native(best, device) else "fp32"), ""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision '{precision}': choose auto, {', '.join(PRECISIONS)}")
+    if native(precision, device):
+        return precision, ""
+    what = (f"this CPU has no {precision} instructions ({', '.join(CPU_FEATURES[precision][:3])})"
+            if device.type == "cpu" else f"this {device.type} device has no {precision} support")
+    return precision, f"{what}: {precision} runs emulated, slower than fp32 (--precision auto picks fp32 here)"
+
+
+def precision_line(asked: str, chosen: str, device: torch.device) -> str:
+    """What a front end prints once: the precision in use, and why when auto chose it."""
+    why = ("" if asked != "auto" else
+           f" (auto: this CPU {'has' if chosen == 'bf16' else 'has no'} bf16 instructions)" if device.type == "cpu"
+           else " (auto)")
+    return f"precision: {chosen} on {device}{why}" + ("; --precision fp32 for float32 throughout" * (chosen != "fp32"))
 
 
 def fast(model: glean.GLEAN) -> GLEANFast:

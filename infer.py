@@ -32,6 +32,7 @@ from PIL import Image
 
 import faces
 import glean
+import glean_fast
 import photos
 import zoo
 from glean_io import CheckpointError, one_line, remove_killed_temp
@@ -232,7 +233,8 @@ def simulate(model: glean.GLEAN, a: np.ndarray, *, name: str = "image", notes: l
 def restore_faces(model: glean.GLEAN | None, a: np.ndarray, *, outscale: float = 0, only_center: bool = False,
                   name: str = "image", notes: list | None = None, times: dict | None = None,
                   found: list | None = None, max_shrink: float = photos.MAX_SHRINK, reports: list | None = None,
-                  max_output_pixels: float = photos.MAX_OUTPUT_PIXELS, dtype=np.float32) -> np.ndarray:
+                  max_output_pixels: float = photos.MAX_OUTPUT_PIXELS, dtype=np.float32,
+                  precision: str = "auto") -> np.ndarray:
     """Faces in the wild (--faces, photos.restore_photo): the photo a [H, W, C] upscaled `outscale` times (default:
     4, or the given model's scale) with MATLAB bicubic, and each face whose size a model's input fits (shrunk at
     most `max_shrink`) restored by that model and blended back under a mask of the face region; every other face
@@ -241,9 +243,11 @@ def restore_faces(model: glean.GLEAN | None, a: np.ndarray, *, outscale: float =
     appended to `reports` (photos.FaceReport), and the notes (faces left alone, detections rejected) to `notes` -
     or, when `notes` is None, emitted as photos.Note warnings. `times` collects seconds per stage; `found`: the
     photo's detections if made already. dtype=np.uint8 / np.uint16: the image as a file of 8 / 16 bits holds it
-    (the command line: a large result never exists in float)."""
+    (the command line: a large result never exists in float). `precision`: of the models loaded here (model=None).
+    """
     r = photos.restore_photo(a, model=model, outscale=outscale, max_shrink=max_shrink, only_center=only_center,
-                             found=found, name=name, times=times, max_output_pixels=max_output_pixels, dtype=dtype)
+                             found=found, name=name, times=times, max_output_pixels=max_output_pixels, dtype=dtype,
+                             precision=precision)
     if reports is not None:
         reports += r.faces
     emit(r.notes, notes)
@@ -345,13 +349,27 @@ def pick_device(name: str = "") -> torch.device:
     return dev
 
 
-def load_model(name_or_path: str = "", device: str = "", half: bool = False) -> glean.GLEAN:
-    """A registered model (zoo.WEIGHTS) or a checkpoint file, on the device, in half precision if asked (CUDA)."""
+def load_model(name_or_path: str = "", device: str = "", precision: str = "auto", *,
+               notes: list | None = None) -> glean.GLEAN:
+    """A registered model (zoo.WEIGHTS) or a checkpoint file, on the device, its convolutions in `precision`:
+    fp32, bf16, fp16 or auto (glean_fast.AUTO_RULE). The model takes and returns float32 whatever the precision;
+    its `dtype` says which it runs in. A precision the device has no instructions for runs as asked, with a note
+    (into `notes`, or a photos.Note warning). A file ending in .onnx (written by export.py) runs through
+    onnxruntime, in the precision it was exported in (fp32)."""
     dev = pick_device(device)
-    if half and dev.type != "cuda":
-        raise InputError("half precision is for CUDA only; on a CPU the model runs in float32")
-    model = zoo.load_pretrained(name_or_path or zoo.DEFAULT_MODEL).to(dev)
-    return model.half() if half else model
+    if precision not in ("auto", *glean_fast.PRECISIONS):
+        raise InputError(f"unknown precision '{precision}': choose auto, {', '.join(glean_fast.PRECISIONS)}")
+    if str(name_or_path).lower().endswith(".onnx"):
+        if precision not in ("auto", "fp32"):
+            raise InputError(f"--precision {precision}: an .onnx file runs in the precision it was exported in "
+                             "(fp32); leave --precision out or use a PyTorch checkpoint")
+        import export
+        return export.OnnxGLEAN(name_or_path, str(dev))
+    chosen, note = glean_fast.choose_precision(precision, dev)
+    model = glean_fast.to_precision_(zoo.load_pretrained(name_or_path or zoo.DEFAULT_MODEL),
+                                     glean_fast.PRECISIONS[chosen]).to(dev)
+    emit([note] if note else [], notes)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -532,7 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ext", default="auto", help="output format: auto (as the input), png, jpg, webp, tif, ... "
                                                    "(default: auto)")
     ap.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
-    ap.add_argument("--fp32", action="store_true", help="full precision on CUDA (default: half precision there)")
+    ap.add_argument("--precision", choices=["auto", *glean_fast.PRECISIONS], default="auto",
+                    help=f"the convolutions' precision; input and output stay float32 ({glean_fast.AUTO_RULE}; "
+                         f"default: auto)")
+    ap.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="same as --precision fp32")
     ap.add_argument("--batch", type=int, default=1, help="images per forward pass (default: 1)")
     ap.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6,
                     help=f"refuse larger images before decoding them; 0 = no limit (default: {MAX_PIXELS / 1e6:g})")
@@ -590,7 +611,8 @@ def say(kind: str, message: str) -> None:
 
 class Run:
     """One command-line run over the collected files: read each, process them in batches (the mode's function),
-    write each result atomically; counts what was written and what failed."""
+    write each result atomically; counts what was written and what failed. What happens to each file goes through
+    `failure`, `success` and `say`, which batch.py's workers override to report it per file."""
 
     def __init__(self, args, model, mask, outputs: "Outputs", max_pixels: int, total: int):
         from tqdm import tqdm
@@ -613,15 +635,25 @@ class Run:
                 raise InputError(f"{src} is {a.shape[1]}x{a.shape[0]}, the model takes {size}x{size} (drop "
                                  f"--strict-size to crop and resize)")
         except InputError as e:
-            self.failed += 1
-            say("error", str(e))
+            self.failure(src, str(e))
             self.bar.update(1)
             return
         for note in notes:
-            say("note", note)
+            self.say("note", note)
         self.queue.append((src, root, a, bits))
         if len(self.queue) >= args.batch:
             self.flush()
+
+    say = staticmethod(say)                                  # a note or an error: one line on stderr
+
+    def failure(self, src: Path, message: str) -> None:
+        """An input that could not be processed or written: counted, and one line."""
+        self.failed += 1
+        self.say("error", message)
+
+    def success(self, src: Path, dst: Path) -> None:
+        """An output written."""
+        self.written += 1
 
     def one(self, src: Path, a: np.ndarray, bits: int, notes: list) -> tuple:
         """The outputs of one image in a mode that takes images one at a time: ({suffix: array}, bits)."""
@@ -634,7 +666,8 @@ class Run:
             return {args.suffix: restore_faces(model, a, outscale=args.outscale, name=str(src), notes=notes,
                                                max_shrink=args.max_shrink, only_center=args.only_center_face,
                                                max_output_pixels=args.max_output_megapixels * 1e6,
-                                               dtype=np.uint16 if bits == 16 else np.uint8)}, bits
+                                               dtype=np.uint16 if bits == 16 else np.uint8,
+                                               precision=args.precision)}, bits
         r = simulate(model, a, name=str(src), notes=notes)
         return {f"_{k}": r[k] for k in ("lr", "bicubic", "glean", "reference", "compare")}, 8
 
@@ -651,8 +684,7 @@ class Run:
             try:
                 outs, out_bits = self.one(src, a, bits, notes)
             except InputError as e:
-                self.failed += 1
-                say("error", str(e))
+                self.failure(src, str(e))
                 continue
             done.append((src, root, out_bits, outs))
         return done
@@ -666,11 +698,10 @@ class Run:
                 self.outputs.refuse_input(dst)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 write_image(out, dst, bits)
-                self.written += 1
+                self.success(src, dst)
             except (InputError, OSError) as e:
-                self.failed += 1
-                say("error", str(e) if isinstance(e, InputError) else
-                    f"{dst}: cannot write ({e.strerror or e}); {src} was not saved")
+                self.failure(src, str(e) if isinstance(e, InputError) else
+                             f"{dst}: cannot write ({e.strerror or e}); {src} was not saved")
                 return
 
     def flush(self) -> None:
@@ -681,13 +712,13 @@ class Run:
         try:
             done = self.results(notes)
         except torch.cuda.OutOfMemoryError:
-            self.failed += len(self.queue)
-            say("error", f"out of GPU memory for {', '.join(str(s) for s, _, _, _ in self.queue)}: use --batch 1, "
-                         f"or --device cpu")
+            for src, _, _, _ in self.queue:
+                self.failure(src, f"{src}: out of GPU memory (with {len(self.queue)} image(s) per forward): use "
+                                  f"--batch 1, or --device cpu")
         for src, root, bits, outs in done:
             self.write(src, root, bits, outs, notes)
         for note in notes:
-            say("note", note)
+            self.say("note", note)
         self.bar.update(len(self.queue))
         self.queue.clear()
 
@@ -718,14 +749,17 @@ def run_cli(argv=None) -> int:
     try:
         dev = pick_device(args.device)
         auto = args.faces and not args.aligned and not args.model        # --faces: a model per face (photos.py)
-        model = None if auto else load_model(args.model or zoo.DEFAULT_MODEL, str(dev),
-                                             half=dev.type == "cuda" and not args.fp32)
+        onnx = str(args.model).lower().endswith(".onnx")   # runs as exported (fp32), whatever auto would pick
+        precision, precision_note = (("fp32", "") if onnx and args.precision == "auto" else
+                                     glean_fast.choose_precision(args.precision, dev))
+        model = None if auto else load_model(args.model or zoo.DEFAULT_MODEL, str(dev), precision, notes=[])
         mask = read_image(args.mask, max_pixels=max_pixels)[0] if args.mask else None
         if args.faces and not args.aligned and model is not None:
             needs_template(model, "--faces")
     except (CheckpointError, InputError, ValueError) as e:
         return error(str(e))
-    for note in cleaned + notes:
+    print(glean_fast.precision_line(args.precision, precision, dev))       # stdout, like the closing summary
+    for note in cleaned + notes + [precision_note] * bool(precision_note):
         say("note", note)
     inputs = [src for src, _ in files if not str(src).startswith("example:")] + ([Path(args.mask)] if args.mask
                                                                                   else [])

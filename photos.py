@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import faces
+import glean_fast
 import zoo
 from images import InputError, imresize, upscale_axis
 
@@ -281,10 +282,15 @@ def warp_into(face: torch.Tensor, M: np.ndarray, landmarks, box: tuple) -> Paste
     return Paste(warped, face_region(landmarks, None, box) * faces.feather_mask(u, v, S, 0.03), box)
 
 
+def load_face_model(name: str, device: str = "cpu", precision: str = "auto"):
+    """A registered face model, loaded once per process, device and precision (zoo.load_pretrained, the fast path;
+    auto, fp32, bf16 or fp16, as glean_fast.choose_precision resolves it)."""
+    return _face_model(name, device, glean_fast.choose_precision(precision, torch.device(device))[0])
+
+
 @functools.lru_cache(maxsize=8)
-def load_face_model(name: str, device: str = "cpu"):
-    """A registered face model, loaded once per process and device (zoo.load_pretrained, the fast path)."""
-    return zoo.load_pretrained(name).to(device)
+def _face_model(name: str, device: str, precision: str):
+    return glean_fast.to_precision_(zoo.load_pretrained(name), glean_fast.PRECISIONS[precision]).to(device)
 
 
 def is_grey(a: np.ndarray) -> bool:
@@ -388,11 +394,13 @@ def assign(found: list, candidates: list, max_shrink: float) -> list:
 def restore_photo(a: np.ndarray, *, model=None, candidates: list | None = None, outscale: float = 0.0,
                   max_shrink: float = MAX_SHRINK, only_center: bool = False,
                   found: list | None = None, name: str = "image", dtype=np.float32,
-                  max_output_pixels: float = MAX_OUTPUT_PIXELS, times: dict | None = None) -> Restored:
+                  max_output_pixels: float = MAX_OUTPUT_PIXELS, times: dict | None = None,
+                  precision: str = "auto") -> Restored:
     """The photo a [H, W, C] (float32 in [0, 1]; C = 1-4) upscaled by `outscale` (default: 4, or a forced model's
     scale) with its faces restored (module docstring). `model`: a loaded GLEAN face model to use for every face
     that fits it (-m); else the `candidates` (default: the offline registered face models). `found`: the photo's
-    detections, if made already. The image comes back as `dtype` (uint8/uint16: as a file holds it)."""
+    detections, if made already. The image comes back as `dtype` (uint8/uint16: as a file holds it); `precision`
+    (auto, fp32, bf16, fp16): of the models loaded here."""
     times = times if times is not None else {}
     clock = [time.perf_counter()]
 
@@ -415,7 +423,8 @@ def restore_photo(a: np.ndarray, *, model=None, candidates: list | None = None, 
     pastes = []
     for m in {m for _, _, m in plan if m is not None}:
         group = [(f, r) for f, r, mm in plan if mm == m]
-        net = model if forced else load_face_model(m.name, str(next(model.parameters()).device) if model else "cpu")
+        net = model if forced else load_face_model(m.name, str(next(model.parameters()).device) if model else "cpu",
+                                                   precision)
         aligned = [model_input(a, f.landmarks, m) for f, _ in group]
         lap("align")
         ys = run_faces(net, [c for c, _ in aligned], grey)

@@ -17,8 +17,9 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-MODULES = ["glean", "glean_fast", "glean_io", "glean_pickle", "rrdbnet", "stylegan2", "weight_formats", "zoo", "images", "faces",
-           "photos", "infer", "demo", "train", "train_bank", "train_cli", "train_data", "train_run", "evaluate"]
+MODULES = ["glean", "glean_fast", "glean_io", "glean_pickle", "rrdbnet", "stylegan2", "weight_formats", "zoo", "images",
+           "faces", "photos", "infer", "export", "batch", "demo", "train", "train_bank", "train_cli", "train_data",
+           "train_run", "evaluate"]
 WEIGHTS = ["weights/*.safetensors", "weights/*.md"]
 IMPORT = re.compile(r"^(\s*)(?:import (\w+)(\s+as \w+)?|from (\w+) import )")
 

@@ -33,9 +33,10 @@ def model_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(model_file):
-    """That model loaded as the tools load it (infer.load_model: the fast path, on the CPU)."""
+    """That model loaded as the tools load it (infer.load_model: the fast path, on the CPU), in float32 so that
+    the tests give the same results on CPUs with and without bf16 instructions (tests/test_precision.py: bf16)."""
     import infer
-    return infer.load_model(str(model_file), "cpu")
+    return infer.load_model(str(model_file), "cpu", "fp32")
 
 
 @pytest.fixture

@@ -117,11 +117,11 @@ def test_unknown_model_lists_valid_ones(tmp_path, capsys):
     assert "unknown model 'glean_dog_64x'" in err and all(name in err for name in zoo.WEIGHTS)
 
 
-def test_missing_input_and_half_on_cpu(model_file, tmp_path, capsys):
+def test_missing_input_and_unknown_precision(model_file, tmp_path, capsys):
     assert run(["-i", tmp_path / "nope.png", "-o", tmp_path / "out", "-m", model_file]) == 1
     assert "no such file or folder" in capsys.readouterr().err
-    with pytest.raises(infer.InputError, match="CUDA only"):
-        infer.load_model(str(model_file), "cpu", half=True)
+    with pytest.raises(infer.InputError, match="unknown precision 'half': choose auto, fp32, bf16, fp16"):
+        infer.load_model(str(model_file), "cpu", "half")
 
 
 def test_write_is_atomic(tmp_path):

@@ -93,7 +93,7 @@ def test_train_py_is_the_recipe_and_the_rest_has_rooms():
     found = {m: {d for d in definitions(m) if "." not in d} | set(module_constants(m)) for m in rooms}
     for module, names in rooms.items():
         assert names <= found[module], f"{module}.py lacks {sorted(names - found[module])}"
-        for other, theirs in rooms.items():
+        for other in rooms:
             if other != module:
                 assert not names & found[other] - {"main"}, f"{sorted(names & found[other])} in {other}.py too"
     text = (ROOT / "train.py").read_text()

@@ -158,7 +158,7 @@ def test_faces_are_restored_at_the_model_scale_and_placed_at_any_outscale(small_
     assert restored and all(r.model == "bicubic32" for r in restored)
     bg = background(small_scene, s)
     found, masks = face_masks(small_scene, s, lift)
-    for f, m in zip(found, masks):
+    for m in masks:
         inner = m > 0.99
         if not inner.any():
             continue

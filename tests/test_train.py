@@ -885,7 +885,6 @@ def test_bank_file_sets_the_bank_fields_and_init_takes_official_files(images, ba
 
 def test_bank_stage_grows_from_a_smaller_bank(images, bank32, tmp_path, capsys):
     """--stage bank --init: a 64 px bank starts from a trained 32 px one (every layer copied, the 64 px ones new)."""
-    import stylegan2
     run = tmp_path / "grown"
     assert train.main(["--stage", "bank", "--data", str(images), "--out-size", "64", "--init", str(bank32),
                        "--iters", "1", "--batch", "4", "--lr", "0", "--workers", "0", "--out", str(run),
