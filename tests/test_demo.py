@@ -167,7 +167,11 @@ def test_photo_tab_marks_faces_and_returns_the_whole_photo_at_full_size(tmp_path
     lines = info.splitlines()
     assert lines[0].startswith("The photo upscaled 2.00x") and f"of {len(placed)} detection(s)" in lines[0]
     assert sum(line[0].isdigit() for line in lines) == len(placed)                # one line per face, numbered
-    assert all("left as the bicubic upscale" in line for line in lines if line[0].isdigit())   # no model fits
+    said = [line for line in lines if line[0].isdigit()]
+    assert all("left as the bicubic upscale: too large" in line or "restored by glean_face_in" in line
+               for line in said)                                      # each face: restored by which model, or why not
+    assert any("restored by glean_face_in32_4x" in line for line in said)       # the smallest face: 32 -> 128 fits
+    assert any("(a download) fits it" in line for line in said)                   # the largest: only downloads fit
     marks = np.asarray(marked).astype(int) - np.asarray(Image.open(tmp_path / "group.png")).astype(int)
     assert np.abs(marks).sum() > 0                                                # the faces are marked
     with pytest.raises(gr.Error, match="not a face model"):
