@@ -1,5 +1,6 @@
 """export.py: ONNX files with a dynamic batch, checked against PyTorch; infer.py -m FILE.onnx through onnxruntime."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,6 +100,30 @@ def test_infer_runs_an_onnx_file_like_the_model(shipped_onnx, tmp_path):
     for name in names:
         a, b = (np.asarray(Image.open(tmp_path / d / name), dtype=np.int16) for d in ("torch", "onnx"))
         assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+def test_faces_and_simulate_run_an_onnx_file_like_the_model(shipped_onnx, tmp_path):
+    """--simulate and --faces with -m FILE.onnx: the same files as with the PyTorch model in fp32, the same pixels up
+    to float32 rounding (the face forced into the 8x8 model with a large --max-shrink, so that it is restored)."""
+    from skimage import data
+    src = tmp_path / "astronaut.png"
+    Image.fromarray(data.astronaut()[:300, 100:400]).save(src)
+    for mode in (["--simulate"], ["--faces", "--max-shrink", "100"]):
+        outs = {}
+        for model, flags in ((str(shipped_onnx), []), (zoo.DEFAULT_MODEL, ["--precision", "fp32"])):
+            out = tmp_path / f"{mode[0][2:]}_{Path(model).suffix or 'torch'}"
+            assert infer.main(["-i", str(src), "-o", str(out), "-m", model, *mode, *flags]) == 0
+            outs[model] = {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in sorted(out.glob("*.png"))}
+        a, b = outs.values()
+        assert sorted(a) == sorted(b) and len(a) == (5 if mode[0] == "--simulate" else 1)
+        for name in a:
+            assert a[name].shape == b[name].shape and np.abs(a[name] - b[name]).max() <= 1, name
+        if mode[0] == "--faces":
+            import photos
+            photo = np.asarray(Image.open(src), np.float32) / 255
+            bicubic = np.round(photos.restore_photo(photo, outscale=8, found=[]).image * 255)    # no face restored
+            assert a["astronaut_faces.png"].shape == bicubic.shape
+            assert np.abs(a["astronaut_faces.png"] - bicubic).max() > 20                      # a face was restored
 
 
 def test_infer_names_a_bad_onnx_file_in_one_line(tmp_path, capsys):
