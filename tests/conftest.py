@@ -22,13 +22,18 @@ def tiny_cfg(in_size=8, out_size=32, **kw) -> "glean.GLEANConfig":
     return glean.GLEANConfig(**base)
 
 
+def save_tiny_model(tmp_path_factory, in_size: int, out_size: int, name: str) -> Path:
+    """A tiny GLEAN (random weights, seed 0, no face template) saved in this project's format."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / name
+    glean.GLEAN(tiny_cfg(in_size, out_size)).save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    """A tiny GLEAN (8x8 -> 32x32, random weights, no face template) saved in this project's format."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    glean.GLEAN(tiny_cfg(8, 32)).save(path)
-    return path
+    """A tiny GLEAN, 8x8 -> 32x32."""
+    return save_tiny_model(tmp_path_factory, 8, 32, "tiny.safetensors")
 
 
 @pytest.fixture(scope="module")

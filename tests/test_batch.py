@@ -14,12 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, tiny_cfg
+from conftest import ROOT, save_tiny_model
 
 pytest.importorskip("ray.data")
 
 import batch  # noqa: E402
-import glean  # noqa: E402
 import glean_fast  # noqa: E402
 import infer  # noqa: E402
 
@@ -104,10 +103,7 @@ def test_same_outputs_as_infer_then_resume_and_a_list(photos, tmp_path):
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory) -> Path:
     """A model slow enough (32 -> 256) that a run of a few dozen images can be interrupted."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "m32.safetensors"
-    glean.GLEAN(tiny_cfg(32, 256)).save(path)
-    return path
+    return save_tiny_model(tmp_path_factory, 32, 256, "m32.safetensors")
 
 
 def test_a_killed_worker_is_replaced_and_every_output_is_written_once(slow_model, tmp_path):
