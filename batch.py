@@ -16,9 +16,10 @@ model once and runs one forward per batch of `--batch` images; outputs are writt
 can reach them (a shared folder on a cluster).
 
 The manifest (DST/batch_manifest.jsonl, one JSON object a line) records each input: path, size, mtime, output
-path, the model's sha256, the precision and the status. A second run skips what is done (same size, mtime, model
-and precision, output still there), so a killed run resumes where it stopped. A file that cannot be read or written
-is one line naming it and a manifest row, never a failed job; the exit code is 1 if any file failed.
+path, the model's sha256, the precision, the status and the worker (host:pid, Ray node id). A second run skips what
+is done (same size, mtime, model and precision, output still there), so a killed run resumes where it stopped. A
+file that cannot be read or written is one line naming it and a manifest row, never a failed job; the exit code is 1
+if any file failed.
 
 Ray Data's own tasks (feeding the workers, collecting results) need CPU besides the workers: one CPU per machine
 is kept free of model workers, so a 2-core machine does not stall.
@@ -89,6 +90,8 @@ class Upscaler:
         self.args = infer.build_parser().parse_args(argv)
         self.model = infer.load_model(model, "cpu", precision, notes=[])  # the driver says if it runs emulated
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        import ray
+        self.node = ray.get_runtime_context().get_node_id()   # Ray's id of the machine (hostnames can repeat)
 
     def __call__(self, batch: dict) -> dict:
         srcs = [str(s) for s in batch["input"]]
@@ -107,7 +110,7 @@ class Upscaler:
         rows = [run.rows.get(s, {"status": "failed", "output": "", "error": f"{s}: not processed"}) for s in srcs]
         return {"input": srcs, "status": [r["status"] for r in rows], "output": [r["output"] for r in rows],
                 "error": [r["error"] for r in rows], "worker": [self.worker] * len(srcs),
-                "lines": ["\n".join(run.lines)] + [""] * (len(srcs) - 1)}
+                "node": [self.node] * len(srcs), "lines": ["\n".join(run.lines)] + [""] * (len(srcs) - 1)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,7 +246,7 @@ def run_batch(args, files: list, todo: list, sha: str, manifest: Path, precision
     items = [{"input": str(s), "root": str(r) if r is not None else "", "name": names[str(s)]} for s, r in todo]
     ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // args.batch))   # a block per batch
     ds = ds.map_batches(Upscaler, batch_size=args.batch, batch_format="numpy", num_cpus=cpus,
-                        compute=ray.data.ActorPoolStrategy(size=workers),
+                        compute=ray.data.ActorPoolStrategy(size=workers), scheduling_strategy="SPREAD",
                         fn_constructor_kwargs={"model": args.model or zoo.DEFAULT_MODEL, "argv": argv,
                                                "threads": threads, "precision": precision})
     print(f"{len(todo)} image(s) to do on {workers} worker(s) ({threads} threads each)", file=sys.stderr)
@@ -254,11 +257,11 @@ def run_batch(args, files: list, todo: list, sha: str, manifest: Path, precision
             for text in out["lines"]:
                 for line in filter(None, str(text).splitlines()):
                     print(line, file=sys.stderr)
-            for src, status, dst, error, worker in zip(out["input"], out["status"], out["output"], out["error"],
-                                                       out["worker"]):
+            for src, status, dst, error, worker, node in zip(out["input"], out["status"], out["output"],
+                                                             out["error"], out["worker"], out["node"]):
                 row = {"input": str(src), **stats[str(src)], "output": str(dst), "model_sha256": sha,
                        "precision": precision, "status": str(status), "error": str(error), "worker": str(worker),
-                       "time": time.time()}
+                       "node": str(node), "time": time.time()}
                 log.write(json.dumps(row) + "\n")
                 failed += status != "done"
                 done += 1

@@ -146,7 +146,9 @@ def test_two_node_cluster(photos, tmp_path):
         assert r.returncode == 1 and "on 2 worker(s)" in r.stderr, r.stderr    # default: a worker per machine
         assert infer.main(["-i", str(photos), "-o", str(tmp_path / "infer")]) == 1
         assert outputs(tmp_path / "batch") == outputs(tmp_path / "infer")
-        assert len(manifest(tmp_path / "batch")) == 6
+        rows = manifest(tmp_path / "batch")
+        assert len(rows) == 6
+        assert len({r["node"] for r in rows}) == 2, rows                     # both machines did work
     finally:
         cluster.shutdown()
 
