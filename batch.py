@@ -223,6 +223,7 @@ def start_ray(address: str | None):
              **({} if address else {"num_cpus": os.cpu_count(), "include_dashboard": False}))
     ray.data.DataContext.get_current().enable_progress_bars = False    # batch.py prints its own progress
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)   # not "Progress bars disabled"
     return ray
 
 
@@ -246,7 +247,7 @@ def run_batch(args, files: list, todo: list, sha: str, manifest: Path, precision
     items = [{"input": str(s), "root": str(r) if r is not None else "", "name": names[str(s)]} for s, r in todo]
     ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // args.batch))   # a block per batch
     ds = ds.map_batches(Upscaler, batch_size=args.batch, batch_format="numpy", num_cpus=cpus,
-                        compute=ray.data.ActorPoolStrategy(size=workers), scheduling_strategy="SPREAD",
+                        compute=ray.data.ActorPoolStrategy(size=workers),
                         fn_constructor_kwargs={"model": args.model or zoo.DEFAULT_MODEL, "argv": argv,
                                                "threads": threads, "precision": precision})
     print(f"{len(todo)} image(s) to do on {workers} worker(s) ({threads} threads each)", file=sys.stderr)
