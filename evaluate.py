@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glean_io import CheckpointError, atomic_write, load_file
-from images import InputError, example_image, imresize, list_images, read_rgb, square
+import images
+from images import InputError, example_image, imresize, read_rgb, square
 
 
 def to_uint8_range(t: torch.Tensor) -> torch.Tensor:
@@ -229,6 +230,16 @@ def identity_similarity(model, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
 # ----------------------------------------------------------------------------------------------------------
 # Protocol
+
+
+def list_images(folder) -> list:
+    """The image files of a folder (images.list_images); entries with an image suffix that are not files (a FIFO, a
+    broken link) are named in one warning line each."""
+    odd = []
+    files = images.list_images(folder, odd)
+    for path, what in odd:
+        print(f"warning: skipping {path}: {what}, not an image file", file=sys.stderr)
+    return files
 
 
 def load_folder(folder, size: int, limit: int = 0) -> tuple:

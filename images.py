@@ -403,9 +403,35 @@ def read_rgb(path) -> torch.Tensor:
     return split(read_image(path)[0])[0].contiguous()
 
 
-def list_images(folder) -> list:
-    """The image files (IMAGE_EXTS) under a folder, recursively, sorted; [] if there are none."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+def list_images(folder, odd: list | None = None) -> list:
+    """The image files (IMAGE_EXTS) under a folder, recursively, sorted; [] if there are none. Entries with an
+    image suffix that are not files (broken links, FIFOs: opening one would block) are left out; `odd`, if given,
+    receives them as (path, what it is)."""
+    files = []
+    for p in Path(folder).rglob("*"):
+        if p.suffix.lower() in IMAGE_EXTS:
+            if p.is_file():
+                files.append(p)
+            elif odd is not None and not p.is_dir():
+                odd.append((p, kind_of(p)))
+    if odd is not None:
+        odd.sort()
+    return sorted(files)
+
+
+def kind_of(p: Path) -> str:
+    """What a path that is neither a file nor a folder is: a broken link, a FIFO, ... ('' if nothing is there)."""
+    try:
+        mode = p.lstat().st_mode
+    except OSError:
+        return ""
+    if stat.S_ISLNK(mode):
+        try:
+            mode = p.stat().st_mode                                          # what the link points to
+        except OSError:
+            return f"a broken link (to {os.readlink(p)})"
+    return ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "not a regular file")
 
 
 def image_size(path) -> tuple | None:

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import os
 import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -36,7 +35,7 @@ import glean_fast
 import photos
 import zoo
 from glean_io import CheckpointError, one_line, remove_killed_temp
-from images import (IMAGE_EXTS, MAX_PIXELS, InputError, example_image, from_pil, imresize, merge, read_image,
+from images import (IMAGE_EXTS, MAX_PIXELS, InputError, example_image, from_pil, imresize, kind_of, merge, read_image,
                     split, to_pil, write_format, write_image)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -403,21 +402,6 @@ def collect(inputs: list, outdir: Path | None = None) -> tuple:
         else:
             problems.append(f"{p}: {kind_of(p) or 'no such file or folder'}")
     return files, problems, notes
-
-
-def kind_of(p: Path) -> str:
-    """What a path that is neither a file nor a folder is: a broken link, a FIFO, ... ('' if nothing is there)."""
-    try:
-        mode = p.lstat().st_mode
-    except OSError:
-        return ""
-    if stat.S_ISLNK(mode):
-        try:
-            mode = p.stat().st_mode                                          # what the link points to
-        except OSError:
-            return f"a broken link (to {os.readlink(p)})"
-    return ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
-            "a device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "not a regular file")
 
 
 def walk(folder: Path, skip: str | None, problems: list, notes: list) -> tuple:

@@ -24,8 +24,13 @@ from images import IMAGE_EXTS, InputError, box_fits, image_size, imresize, read_
 from train_run import UserError, ignore_stop_signals, micro_batch
 
 
-def list_images(folder) -> list:
-    files = images.list_images(folder)
+def list_images(folder, report: bool = True) -> list:
+    """The image files of a folder; entries with an image suffix that are not files (a FIFO, a broken link) are
+    named in one warning line each when `report`; none at all is a one-line UserError."""
+    odd = []
+    files = images.list_images(folder, odd)
+    for path, what in odd if report else ():
+        print(f"warning: skipping {path}: {what}, not an image file", file=sys.stderr)
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found in {folder}")
     return files
@@ -49,7 +54,7 @@ def scan(folders, limit: int = 0, exclude=(), report: bool = True) -> Scan:
     leave_out = {Path(p).resolve() for p in exclude}
     files = []
     for folder in folders:
-        files += [p for p in list_images(folder) if p.resolve() not in leave_out]
+        files += [p for p in list_images(folder, report) if p.resolve() not in leave_out]
     files = files[:limit or None]
     sizes = {path: image_size(path) for path in files}                  # (H, W), or None if unreadable
     bad = {path for path, hw in sizes.items() if hw is None}

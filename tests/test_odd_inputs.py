@@ -206,6 +206,28 @@ def test_links_fifos_and_unreadable_folders_are_named_one_line_each(model_file, 
         images.read_image(tmp_path / "direct.png")                       # e.g. --mask: refused, not opened
 
 
+def test_training_and_evaluation_name_links_and_fifos_and_go_on(tmp_path, capsys):
+    import evaluate
+    import train_data
+    src = tmp_path / "data"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(picture(16, 16, i)).save(src / f"{i}.png")
+    (src / "broken.png").symlink_to(tmp_path / "gone.png")
+    os.mkfifo(src / "pipe.jpg")
+    t = time.perf_counter()
+    found = train_data.scan(src)
+    assert time.perf_counter() - t < 30                                  # the FIFO is never opened
+    assert [p.name for p in found.files] == ["0.png", "1.png"] and not found.bad
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: skipping {src}/broken.png: a broken link (to {tmp_path}/gone.png), not an image file",
+                   f"warning: skipping {src}/pipe.jpg: a FIFO (named pipe), not an image file"], err
+    assert [p.name for p in evaluate.list_images(src)] == ["0.png", "1.png"]
+    assert capsys.readouterr().err.splitlines() == err
+    train_data.scan(src, report=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_an_output_folder_inside_the_input_folder_is_not_read_again(model_file, tmp_path, capsys):
     src = tmp_path / "photos"
     src.mkdir()
