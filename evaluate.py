@@ -404,7 +404,8 @@ def face_identity(identity, photos_: list, landmarks) -> list:
     return F.cosine_similarity(e[1:], e[:1].expand_as(e[1:]), dim=1).tolist()
 
 
-def photo_study(files: list, k: float, *, model=None, identity=None, max_shrink: float | None = None) -> dict:
+def photo_study(files: list, k: float, *, model=None, identity=None, max_shrink: float | None = None,
+                precision: str = "fp32") -> dict:
     """The whole-photo benchmark of --faces: each photo shrunk k times (shrink_photo), restored back to full size
     by infer.py --faces (photos.restore_photo) and by plain bicubic; every face found in the original (photos.
     plausible) is scored in its face region (photos.face_region, from the original's landmarks): PSNR and
@@ -417,7 +418,7 @@ def photo_study(files: list, k: float, *, model=None, identity=None, max_shrink:
         H, W = hr.shape[1:]
         a = hr.permute(1, 2, 0).contiguous().numpy()
         lr = shrink_photo(hr, k)
-        kw = dict(model=model, outscale=k, **({"max_shrink": max_shrink} if max_shrink else {}))
+        kw = dict(model=model, outscale=k, precision=precision, **({"max_shrink": max_shrink} if max_shrink else {}))
         r = photos.restore_photo(lr, **kw)
         out = r.image[:H, :W]
         bic = photos.restore_photo(lr, outscale=k, found=[], model=model).image[:H, :W]
@@ -435,7 +436,7 @@ def photo_study(files: list, k: float, *, model=None, identity=None, max_shrink:
             if identity is not None:
                 row["id_faces"], row["id_bicubic"] = face_identity(identity, [a, out, bic], face.landmarks)
             rows.append(row)
-    return {"shrink": k, "photos": len(files), "faces": rows, "totals": photo_totals(rows)}
+    return {"shrink": k, "photos": len(files), "precision": precision, "faces": rows, "totals": photo_totals(rows)}
 
 
 def photo_totals(rows: list) -> dict:
@@ -573,18 +574,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "(a --model forces one model; default: the offline face models, as --faces)")
     ap.add_argument("--shrink", type=float, default=8, help="--photos: shrink factor (default: 8)")
     ap.add_argument("--max-shrink", type=float, default=0, help="--photos: as infer.py --faces --max-shrink")
+    ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="the models' convolutions, as infer.py --precision (default: fp32, the models' own "
+                         "numbers; auto: what infer.py runs on this machine)")
     ap.add_argument("--detections", metavar="DIR", help="precision and recall of the faces --faces takes: the "
                     "labelled faces of the photos of DIR (LFW) at 1-8x smaller, and false faces in face-free "
                     "pictures and in textures")
     return ap
 
 
-def load_models(specs: list) -> dict:
+def load_models(specs: list, precision: str = "fp32") -> dict:
+    """{label: model} for `--model PATH[=LABEL]` specs, their convolutions in `precision` (as infer.py's)."""
+    import glean_fast
     import zoo
+    chosen, note = glean_fast.choose_precision(precision, torch.device("cpu"))
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     models = {}
     for spec in specs:
         path, _, label = spec.partition("=")
-        models[label or Path(path).stem] = zoo.load_pretrained(path)
+        models[label or Path(path).stem] = glean_fast.to_precision_(zoo.load_pretrained(path),
+                                                                    glean_fast.PRECISIONS[chosen])
     return models
 
 
@@ -679,7 +689,7 @@ def main(argv=None) -> int:
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
         if not (args.gt or args.photos or args.detections):
             raise ValueError("pass --gt DIR (the table, --framing), --photos DIR or --detections DIR")
-        models = load_models(args.model)
+        models = load_models(args.model, args.precision)
         if args.detections:
             study = detection_study(list_images(args.detections)[:args.limit or None])
             return report(args, detection_table(study), study)
@@ -691,7 +701,7 @@ def main(argv=None) -> int:
             if not files:
                 raise InputError(f"no images found in {args.photos}")
             study = photo_study(files, args.shrink, model=next(iter(models.values()), None), identity=identity,
-                                max_shrink=args.max_shrink or None)
+                                max_shrink=args.max_shrink or None, precision=args.precision)
             return report(args, photo_table(study), study)
         if args.framing:
             if len(models) != 1 or not getattr(next(iter(models.values())), "face_template", ()):

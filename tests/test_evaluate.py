@@ -128,5 +128,11 @@ def test_photo_benchmark_scores_face_regions_against_bicubic(tmp_path):
         assert row["psnr_faces"] == row["psnr_bicubic"] and study["totals"]["harmed"] == 0
     else:
         assert row["psnr_faces"] > row["psnr_bicubic"]
+    assert study["precision"] == "fp32"                                  # the models' own numbers by default
+    assert evaluate.main(["--photos", str(folder), "--shrink", "8", "--identity", "none", "--json", str(out),
+                          "--precision", "bf16"]) == 0
+    bf16 = json.loads(out.read_text())
+    assert bf16["precision"] == "bf16" and bf16["faces"][0]["psnr_bicubic"] == row["psnr_bicubic"]
+    assert abs(bf16["faces"][0]["psnr_faces"] - row["psnr_faces"]) < 0.3           # bf16 rounding, not a change
     assert evaluate.main(["--photos", str(folder), "--model", "glean_face_small_8x", "--model",
                           "glean_face_small_8x=again"]) == 2                      # one model at most
