@@ -70,7 +70,7 @@ WEIGHTS = {
         note="this project's small GLEAN, 8x (8 -> 64), trained on a 2-core CPU; ships with the code, works offline",
         template=CELEBA_64),
     "glean_face_in16_8x": Weights(
-        "weights/glean_face_in16_8x.safetensors", "8f2fccef", "glean", dict(in_size=16, **_LFW_GLEAN),
+        "weights/glean_face_in16_8x.safetensors", "a4d2e922", "glean", dict(in_size=16, **_LFW_GLEAN),
         "faces (LFW photos, 128x128, aligned to the TIGHT template: the face fills the frame)", _LFW,
         note="this project's GLEAN for faces of real low-resolution photos, 8x (16 -> 128), trained on a 2-core CPU "
              "with real-file degradations (8-bit, mild blur, noise, JPEG); ships with the code, works offline",
