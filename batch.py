@@ -25,6 +25,7 @@ Ray Data's own tasks (feeding the workers, collecting results) need CPU besides 
 is kept free of model workers, so a 2-core machine does not stall.
 """
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -195,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=8, help="images per forward pass (default: 8)")
     ap.add_argument("--workers", type=int, default=0,
                     help="model workers (each loads the model once; default: one per machine)")
+    ap.add_argument("--start-timeout", type=int, default=600, metavar="S",
+                    help="seconds the workers may take to start (each loads the model) before the run stops in "
+                         "one line; work begins once all have started, so every machine takes a share "
+                         "(default: 600)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per worker (default: the cluster's CPUs / workers)")
     ap.add_argument("--precision", choices=["auto", *glean_fast.PRECISIONS], default="auto",
@@ -211,17 +216,20 @@ def check_args(args) -> str:
             f"--batch must be at least 1, got {args.batch}" if args.batch < 1 else
             f"--workers must be >= 0, got {args.workers}" if args.workers < 0 else
             f"--threads must be >= 0, got {args.threads}" if args.threads < 0 else
+            f"--start-timeout must be at least 1 s, got {args.start_timeout}" if args.start_timeout < 1 else
             f"-i {args.input}: no such file or folder" if not Path(args.input).exists() else "")
 
 
-def start_ray(address: str | None):
+def start_ray(address: str | None, start_timeout: int = 600):
     """Join a cluster, or start a local instance sized to this machine; workers import this checkout's modules."""
     import ray
     env = {} if (ROOT / "glean_sr" / "infer.py").is_file() else {
         "env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}}
     ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level="ERROR",
              **({} if address else {"num_cpus": os.cpu_count(), "include_dashboard": False}))
-    ray.data.DataContext.get_current().enable_progress_bars = False    # batch.py prints its own progress
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False                                    # batch.py prints its own progress
+    ctx.wait_for_min_actors_s = start_timeout     # work starts once every worker has its model: all share it
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)   # not "Progress bars disabled"
     return ray
@@ -239,7 +247,7 @@ def plan(ray, args) -> tuple:
 
 def run_batch(args, files: list, todo: list, sha: str, manifest: Path, precision: str = "fp32") -> int:
     """Upscale `todo` on Ray Data, append a manifest row per file as results come in; returns the failures."""
-    ray = start_ray(args.address)
+    ray = start_ray(args.address, args.start_timeout)
     workers, cpus, threads = plan(ray, args)
     argv = ["-i", "-", "-o", args.output, "--suffix", args.suffix, "--ext", args.ext]
     names = output_names(files, args)
@@ -254,7 +262,17 @@ def run_batch(args, files: list, todo: list, sha: str, manifest: Path, precision
     done = failed = 0
     started = time.time()
     with open(manifest, "a") as log:
-        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        quiet = logging.getLogger("ray.data.exceptions")    # its stack trace of a start timeout: ours is one line
+        level, _ = quiet.level, quiet.setLevel(logging.CRITICAL)
+        try:
+            batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+            first = next(batches, None)
+        except ray.exceptions.GetTimeoutError:
+            raise InputError(f"the cluster did not start {workers} worker(s) of {cpus:g} CPU(s) each within "
+                             f"{args.start_timeout} s (--start-timeout); lower --workers or add machines") from None
+        finally:
+            quiet.setLevel(level)
+        for out in itertools.chain([first] if first is not None else [], batches):
             for text in out["lines"]:
                 for line in filter(None, str(text).splitlines()):
                     print(line, file=sys.stderr)
@@ -309,7 +327,11 @@ def main(argv=None) -> int:
     if len(todo) < len(files):
         print(f"note: {len(files) - len(todo)} of {len(files)} image(s) done by an earlier run (see {manifest})",
               file=sys.stderr)
-    failed = run_batch(args, files, todo, sha, manifest, precision) if todo else 0
+    try:
+        failed = run_batch(args, files, todo, sha, manifest, precision) if todo else 0
+    except InputError as e:
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return 2
     bad = failed + len(problems)
     print(one_line(f"{len(files) - failed} of {len(files)} image(s) done in {outdir}" +
                    (f"; {bad} problem(s), see above and {manifest}" if bad else "")))

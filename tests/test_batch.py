@@ -153,6 +153,13 @@ def test_two_node_cluster(photos, tmp_path):
         cluster.shutdown()
 
 
+def test_workers_that_cannot_start_are_one_line(photos, tmp_path):
+    r = run_batch("-i", photos, "-o", tmp_path / "out", "--workers", "8", "--start-timeout", "5")
+    assert r.returncode == 2, r.stderr                                   # 8 x 0.5 CPU do not fit this machine
+    assert r.stderr.strip().splitlines()[-1].startswith("error: the cluster did not start 8 worker(s)"), r.stderr
+    assert "Traceback" not in r.stderr and not list((tmp_path / "out").glob("*_glean.*"))
+
+
 def test_bad_arguments_are_one_line(tmp_path):
     r = run_batch("-i", tmp_path / "nothing", "-o", tmp_path / "out")
     assert r.returncode == 2 and r.stderr.strip() == f"error: -i {tmp_path / 'nothing'}: no such file or folder"
