@@ -232,6 +232,7 @@ def start_ray(address: str | None, start_timeout: int = 600):
     ctx.wait_for_min_actors_s = start_timeout     # work starts once every worker has its model: all share it
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)   # not "Progress bars disabled"
+    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)  # a stack trace the exception repeats
     return ray
 
 
@@ -243,6 +244,18 @@ def plan(ray, args) -> tuple:
     cpus = max(0.5, (total - len(nodes)) / workers)
     threads = args.threads or max(1, round(total / workers))
     return workers, cpus, threads
+
+
+def worker_batches(ray, ds, args, workers: int, cpus: float):
+    """The batches of ds as they come, once all its workers have started (Ray Data waits for them at the first
+    batch, start_ray); workers that do not start within --start-timeout are a one-line InputError."""
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        first = next(batches, None)
+    except ray.exceptions.GetTimeoutError:
+        raise InputError(f"the cluster did not start {workers} worker(s) of {cpus:g} CPU(s) each within "
+                         f"{args.start_timeout} s (--start-timeout); lower --workers or add machines") from None
+    return itertools.chain([] if first is None else [first], batches)
 
 
 def run_batch(args, files: list, todo: list, sha: str, manifest: Path, precision: str = "fp32") -> int:
@@ -262,17 +275,7 @@ def run_batch(args, files: list, todo: list, sha: str, manifest: Path, precision
     done = failed = 0
     started = time.time()
     with open(manifest, "a") as log:
-        quiet = logging.getLogger("ray.data.exceptions")    # its stack trace of a start timeout: ours is one line
-        level, _ = quiet.level, quiet.setLevel(logging.CRITICAL)
-        try:
-            batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
-            first = next(batches, None)
-        except ray.exceptions.GetTimeoutError:
-            raise InputError(f"the cluster did not start {workers} worker(s) of {cpus:g} CPU(s) each within "
-                             f"{args.start_timeout} s (--start-timeout); lower --workers or add machines") from None
-        finally:
-            quiet.setLevel(level)
-        for out in itertools.chain([first] if first is not None else [], batches):
+        for out in worker_batches(ray, ds, args, workers, cpus):
             for text in out["lines"]:
                 for line in filter(None, str(text).splitlines()):
                     print(line, file=sys.stderr)

@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import glean_fast
 from glean_io import CheckpointError, atomic_write, load_file
-import images
-from images import InputError, example_image, imresize, read_rgb, square
+from images import InputError, example_image, imresize, list_images, read_rgb, square
 
 
 def to_uint8_range(t: torch.Tensor) -> torch.Tensor:
@@ -232,19 +232,9 @@ def identity_similarity(model, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 # Protocol
 
 
-def list_images(folder) -> list:
-    """The image files of a folder (images.list_images); entries with an image suffix that are not files (a FIFO, a
-    broken link) are named in one warning line each."""
-    odd = []
-    files = images.list_images(folder, odd)
-    for path, what in odd:
-        print(f"warning: skipping {path}: {what}, not an image file", file=sys.stderr)
-    return files
-
-
 def load_folder(folder, size: int, limit: int = 0) -> tuple:
     """Images of a folder (sorted) as [N, 3, size, size] in [-1, 1] (centre crop, MATLAB bicubic) and their names."""
-    files = list_images(folder)[:limit or None]
+    files = list_images(folder, warn=True)[:limit or None]
     if not files:
         raise InputError(f"no images found in {folder}")
     return torch.stack([square(read_rgb(f), size) * 2 - 1 for f in files]), [f.name for f in files]
@@ -574,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(a --model forces one model; default: the offline face models, as --faces)")
     ap.add_argument("--shrink", type=float, default=8, help="--photos: shrink factor (default: 8)")
     ap.add_argument("--max-shrink", type=float, default=0, help="--photos: as infer.py --faces --max-shrink")
-    ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+    ap.add_argument("--precision", default="fp32", choices=["auto", *glean_fast.PRECISIONS],
                     help="the models' convolutions, as infer.py --precision (default: fp32, the models' own "
                          "numbers; auto: what infer.py runs on this machine)")
     ap.add_argument("--detections", metavar="DIR", help="precision and recall of the faces --faces takes: the "
@@ -585,7 +575,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_models(specs: list, precision: str = "fp32") -> dict:
     """{label: model} for `--model PATH[=LABEL]` specs, their convolutions in `precision` (as infer.py's)."""
-    import glean_fast
     import zoo
     chosen, note = glean_fast.choose_precision(precision, torch.device("cpu"))
     if note:
@@ -691,13 +680,13 @@ def main(argv=None) -> int:
             raise ValueError("pass --gt DIR (the table, --framing), --photos DIR or --detections DIR")
         models = load_models(args.model, args.precision)
         if args.detections:
-            study = detection_study(list_images(args.detections)[:args.limit or None])
+            study = detection_study(list_images(args.detections, warn=True)[:args.limit or None])
             return report(args, detection_table(study), study)
         identity = load_identity(args)
         if args.photos:
             if len(models) > 1:
                 raise ValueError("--photos takes at most one --model (none: the offline face models)")
-            files = list_images(args.photos)[:args.limit or None]
+            files = list_images(args.photos, warn=True)[:args.limit or None]
             if not files:
                 raise InputError(f"no images found in {args.photos}")
             study = photo_study(files, args.shrink, model=next(iter(models.values()), None), identity=identity,
@@ -707,7 +696,7 @@ def main(argv=None) -> int:
             if len(models) != 1 or not getattr(next(iter(models.values())), "face_template", ()):
                 raise ValueError("--framing needs exactly one face --model (one with a face template)")
             (label, model), = models.items()
-            study = framing_study(model, list_images(args.gt)[:args.limit or None], identity)
+            study = framing_study(model, list_images(args.gt, warn=True)[:args.limit or None], identity)
             return report(args, framing_table(study, label), study)
         methods, gt, names, size = make_methods(args, models)
     except (ValueError, CheckpointError, OSError, InputError, ImportError) as e:

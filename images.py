@@ -13,6 +13,7 @@ import math
 import os
 import stat
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -403,20 +404,15 @@ def read_rgb(path) -> torch.Tensor:
     return split(read_image(path)[0])[0].contiguous()
 
 
-def list_images(folder, odd: list | None = None) -> list:
+def list_images(folder, warn: bool = False) -> list:
     """The image files (IMAGE_EXTS) under a folder, recursively, sorted; [] if there are none. Entries with an
-    image suffix that are not files (broken links, FIFOs: opening one would block) are left out; `odd`, if given,
-    receives them as (path, what it is)."""
-    files = []
-    for p in Path(folder).rglob("*"):
-        if p.suffix.lower() in IMAGE_EXTS:
-            if p.is_file():
-                files.append(p)
-            elif odd is not None and not p.is_dir():
-                odd.append((p, kind_of(p)))
-    if odd is not None:
-        odd.sort()
-    return sorted(files)
+    image suffix that are not files (broken links, FIFOs: opening one would block) are left out, with `warn` named
+    on stderr in one line each."""
+    found = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    for p in found if warn else ():
+        if not p.is_file() and not p.is_dir():
+            print(f"warning: skipping {p}: {kind_of(p)}, not an image file", file=sys.stderr)
+    return [p for p in found if p.is_file()]
 
 
 def kind_of(p: Path) -> str:

@@ -25,12 +25,9 @@ from train_run import UserError, ignore_stop_signals, micro_batch
 
 
 def list_images(folder, report: bool = True) -> list:
-    """The image files of a folder; entries with an image suffix that are not files (a FIFO, a broken link) are
-    named in one warning line each when `report`; none at all is a one-line UserError."""
-    odd = []
-    files = images.list_images(folder, odd)
-    for path, what in odd if report else ():
-        print(f"warning: skipping {path}: {what}, not an image file", file=sys.stderr)
+    """The image files of a folder (images.list_images, its odd entries named when `report`); none at all is a
+    one-line UserError."""
+    files = images.list_images(folder, warn=report)
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found in {folder}")
     return files
